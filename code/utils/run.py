@@ -1,0 +1,288 @@
+"""What both training scripts share around the loop: flags, device and precision, the run folder
+(config.json, log.txt, tensorboard events), the learning-rate schedule."""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .paths import REPO_ROOT, resolve
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_common_args(p: argparse.ArgumentParser, *, labelnum, max_iterations, batch_size, labeled_bs, base_lr,
+                    optimizer, weight_decay, patch_size, conf_thresh, save_every):
+    """The flags both tasks share, with the task's defaults (SPEC.md 2)."""
+    a = p.add_argument
+    a("--exp", default="CrossMatch", help="experiment name; the run folder is <task>_<exp>_<labelnum>_labeled")
+    a("--labelnum", type=int, default=labelnum, help="number of labeled cases (first N of the training list)")
+    a("--max_iterations", type=int, default=max_iterations,
+      help="training iterations" + ("" if max_iterations else " (default: from --epochs)"))
+    a("--batch_size", type=int, default=batch_size, help="samples per iteration and process, labeled + unlabeled")
+    a("--labeled_bs", type=int, default=labeled_bs, help="labeled samples per iteration and process")
+    a("--base_lr", type=float, default=base_lr)
+    a("--optimizer", choices=["adamw", "sgd"], default=optimizer)
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--nesterov", action="store_true", help="SGD with Nesterov momentum (the released ACDC code)")
+    a("--weight_decay", type=float, default=weight_decay)
+    a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / max_iterations) ** power")
+    a("--patch_size", type=int, nargs="+", default=list(patch_size))
+    a("--conf_thresh", type=float, default=conf_thresh, help="tau: pseudo-label confidence threshold")
+    a("--eta", type=float, default=0.3, help="weight of L_dkd against L_tkd")
+    a("--drop_weak", type=float, default=0.25, help="P_w channel dropout rate")
+    a("--drop_strong", type=float, default=0.75, help="P_s channel dropout rate")
+    a("--dropout_type", choices=["dropout", "alpha", "feature_alpha"], default="dropout")
+    a("--cutmix_p", type=float, default=0.5, help="probability of a CutMix box in each strong view (0: off)")
+    a("--unsup_loss", choices=["dice", "ce"], default="dice", help="unlabeled criterion (paper: dice)")
+    a("--method", choices=["crossmatch", "supervised"], default="crossmatch",
+      help="supervised: every batch is --batch_size labeled samples, no unlabeled data")
+    a("--no_ip", action="store_true", help="switch off L_ip")
+    a("--no_tkd", action="store_true", help="switch off L_tkd")
+    a("--no_dkd", action="store_true", help="switch off L_dkd")
+    a("--seed", type=int, default=1337)
+    a("--deterministic", action="store_true", help="deterministic algorithms, no cudnn autotuning")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--amp", choices=list(AMP_DTYPES), default="none", help="autocast precision")
+    a("--compile", action="store_true", help="torch.compile the network")
+    a("--num_workers", type=int, default=2, help="data loader worker processes")
+    a("--no_cache", action="store_true", help="read volumes from disk at every access instead of keeping them in memory")
+    a("--save_every", type=int, default=save_every, help="write latest.pth every N iterations")
+    a("--log_every", type=int, default=10, help="scalars to tensorboard and the log every N iterations")
+    a("--image_every", type=int, default=500, help="image, label, prediction slices to tensorboard every N iterations")
+    a("--out_dir", default="model", help="where run folders go (relative paths: against the repository root)")
+    a("--sync_bn", action="store_true", help="with torchrun: synchronise batch-norm statistics across processes")
+    a("--resume", action="store_true", help="continue the run folder from its latest.pth")
+    a("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+
+
+def validate_common_args(args, n_dims: int, need_iterations: bool = True):
+    """Flag values that parse but make no sense: one message naming the flag."""
+    def bad(flag, want):
+        raise SystemExit(f"error: {flag} {getattr(args, flag.lstrip('-'))}: expected {want}")
+    if len(args.patch_size) != n_dims or min(args.patch_size) < 1:
+        bad("--patch_size", f"{n_dims} positive integers")
+    if args.batch_size < 1:
+        bad("--batch_size", "at least 1")
+    if args.method == "crossmatch" and not 1 <= args.labeled_bs < args.batch_size:
+        bad("--labeled_bs", f"between 1 and --batch_size - 1 = {args.batch_size - 1}")
+    if args.labelnum < 1:
+        bad("--labelnum", "at least 1")
+    if (need_iterations or args.max_iterations is not None) and args.max_iterations < 1:
+        bad("--max_iterations", "at least 1")
+    if not 0.0 <= args.conf_thresh <= 1.0:
+        bad("--conf_thresh", "a probability in [0, 1]")
+    if not 0.0 <= args.eta <= 1.0:
+        bad("--eta", "a weight in [0, 1]")
+    if not 0.0 <= args.cutmix_p <= 1.0:
+        bad("--cutmix_p", "a probability in [0, 1]")
+    for flag in ("--drop_weak", "--drop_strong"):
+        if not 0.0 <= getattr(args, flag[2:]) < 1.0:
+            bad(flag, "a dropout rate in [0, 1)")
+    if args.base_lr <= 0:
+        bad("--base_lr", "a positive learning rate")
+    if args.save_every < 1 or args.log_every < 1 or args.image_every < 1:
+        raise SystemExit("error: --save_every, --log_every and --image_every must be at least 1")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    return dev
+
+
+def autocast(device: torch.device, amp: str):
+    """Autocast for --amp bf16|fp16, a no-op context for none."""
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def poly_lr(base_lr: float, it: int, max_it: int, power: float = 0.9) -> float:
+    return base_lr * (1.0 - it / max_it) ** power
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def make_optimizer(params, args):
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.base_lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.base_lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                           nesterov=args.nesterov)
+
+
+def prepare_run_dir(args, is_main: bool = True) -> Path:
+    """model/<TASK>_<exp>_<labelnum>_labeled; refuses to start over an existing run unless --resume/--overwrite."""
+    run_dir = run_dir_of(args)
+    has_run = (run_dir / "config.json").exists() or any(run_dir.glob("*.pth"))
+    if args.resume:
+        if not (run_dir / "latest.pth").is_file():
+            raise SystemExit(f"error: --resume: {run_dir / 'latest.pth'} does not exist (nothing to resume)")
+    elif has_run and not args.overwrite:
+        raise SystemExit(f"error: run folder {run_dir} already holds a run; pass --resume to continue it "
+                         f"or --overwrite to replace it (or choose another --exp)")
+    elif has_run and args.overwrite and is_main:
+        shutil.rmtree(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def library_versions() -> dict:
+    import h5py
+    import medpy
+    import numpy
+    import scipy
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+                "scipy": scipy.__version__, "h5py": h5py.__version__,
+                "medpy": getattr(medpy, "__version__", "unknown"), "cuda": torch.version.cuda,
+                "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    return versions
+
+
+def write_config(run_dir: Path, args, extra: dict) -> None:
+    cfg = {"args": vars(args), "command": " ".join(sys.argv), "git_commit": git_commit(),
+           "versions": library_versions(), **extra}
+    name = "config.json" if not (args.resume and (run_dir / "config.json").exists()) else "config_resume.json"
+    (run_dir / name).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+
+
+def get_logger(run_dir: Path, is_main: bool = True) -> logging.Logger:
+    log = logging.getLogger("crossmatch")
+    log.handlers.clear()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if is_main:
+        fh = logging.FileHandler(run_dir / "log.txt")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+# ----------------------------------------------------------------------------- around the loop
+def setup_process(args):
+    """Process group (torchrun), device, seeds. Returns (rank, world, local_rank, device)."""
+    from .distributed import init_distributed
+    from .seeding import seed_everything
+    rank, world, local_rank = init_distributed(args.device)
+    device = pick_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+    seed_everything(args.seed + rank, args.deterministic)
+    return rank, world, local_rank, device
+
+
+def memory_format(device: torch.device, n_spatial: int):
+    """Channels-last on GPU (faster convolutions), the default layout elsewhere."""
+    if device.type != "cuda":
+        return torch.contiguous_format
+    return torch.channels_last_3d if n_spatial == 3 else torch.channels_last
+
+
+def prepare_model(model, args, device, world, local_rank, n_spatial):
+    """Move to the device, restore --resume state, wrap for DDP / torch.compile.
+
+    Returns (model to call, raw model for state dicts, optimizer, scaler, start iteration)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .checkpoint import CheckpointError, load_checkpoint
+    if world > 1 and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=memory_format(device, n_spatial))
+    optimizer = make_optimizer(model.parameters(), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start = 0
+    if args.resume:
+        path = run_dir_of(args) / "latest.pth"
+        try:
+            ckpt = load_checkpoint(path, map_location=device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["iteration"])
+    raw = model
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    return model, raw, optimizer, scaler, start
+
+
+def run_dir_of(args) -> Path:
+    return resolve(args.out_dir) / f"{args.task.upper()}_{args.exp}_{args.labelnum}_labeled"
+
+
+def save_run_checkpoint(path, raw_model, optimizer, scaler, iteration, args):
+    from .checkpoint import save_checkpoint
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args),
+                     "task": args.task}, path)
+
+
+def log_iteration(logs, done, args, optimizer, writer, bar, log, run_dir) -> None:
+    """Every --log_every iterations (and at checkpoints): check the losses are finite, write scalars.
+
+    A non-finite loss stops training on every process; the last checkpoint on disk is left as it was."""
+    from .distributed import broadcast_flag, cleanup
+    if not (done % args.log_every == 0 or done % args.save_every == 0 or done == args.max_iterations):
+        return
+    values = {k: v.item() for k, v in logs.items() if k != "pred_l"}
+    if broadcast_flag(not all(map(math.isfinite, values.values()))):
+        log.error(f"non-finite loss at iteration {done}: {values}; stopping. The last good checkpoint "
+                  f"({run_dir / 'latest.pth'}) is kept unchanged.")
+        cleanup()
+        raise SystemExit(1)
+    if writer is None:
+        return
+    lr = optimizer.param_groups[0]["lr"]
+    for k, v in values.items():
+        writer.add_scalar(f"train/{k}", v, done)
+    writer.add_scalar("train/lr", lr, done)
+    bar.set_postfix(loss=f"{values['loss']:.4f}")
+    if done % (args.log_every * 10) == 0 or done == args.max_iterations:
+        log.info(f"it {done}/{args.max_iterations} lr {lr:.2e} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+
+def log_images(writer, batch, pred, it) -> None:
+    """The first labeled sample's image, label and prediction (middle slice for 3D) to tensorboard."""
+    def cut(t):
+        t = t.float().cpu()
+        return t[..., t.shape[-1] // 2] if t.dim() == 3 else t
+    img = cut(batch["x_l"][0, 0])
+    writer.add_image("train/image", ((img - img.min()) / (img.max() - img.min() + 1e-8))[None].numpy(), it)
+    writer.add_image("train/label", cut(batch["y_l"][0])[None].numpy() / max(1, int(batch["y_l"].max())), it)
+    writer.add_image("train/prediction", cut(pred[0])[None].numpy() / max(1, int(pred.max())), it)
