@@ -24,20 +24,22 @@ from utils.checks import DataError, check_acdc_root
 from utils.cutmix import partner_index, sample_boxes
 from utils.data_acdc import ACDCSlices, acdc_volume_path, labeled_slice_count, load_volume
 from utils.data_la import read_list
-from utils.distributed import cleanup
+from utils.checkpoint import remove_stale_temp_files
+from utils.distributed import cleanup, dump_rank_state
 from utils.evaluation import predict_volume_slices
 from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.metrics import multiclass_metrics
 from utils.paths import resolve
-from utils.run import (add_common_args, autocast, get_logger, log_images, log_iteration, memory_format,
-                       poly_lr, prepare_model, prepare_run_dir, save_run_checkpoint, set_lr, setup_process,
+from utils.run import (ArgumentParser, add_common_args, autocast, check_run_dir, checkpoint_step, compare_resume_args,
+                       get_logger, load_resume, log_images, log_iteration, memory_format, poly_lr, prepare_model,
+                       prepare_run_dir, resume_finished, run_dir_of, save_run_checkpoint, set_lr, setup_process,
                        validate_common_args, write_config)
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
 from utils.seeding import iteration_seed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root_path", default="data/ACDC", help="ACDC root with train_slices.list and data/")
     p.add_argument("--train_list", default="train_slices.list", help="slice list (path, or a name inside the root)")
     p.add_argument("--val_list", default="val.list", help="volume list for --val_every")
@@ -146,10 +148,16 @@ def main(argv=None):
     rank, world, local_rank, device = setup_process(args)
     is_main = rank == 0
 
-    # data: checked before anything is written or trained
+    # refusals first, before anything is written: an existing run folder, --resume flags, then the data
+    check_run_dir(args, is_main)
+    ckpt = load_resume(args, device, world) if args.resume else None
+    if ckpt is not None and resume_finished(ckpt, args, run_dir_of(args), get_logger(run_dir_of(args), is_main),
+                                                     is_main):
+        cleanup()
+        return run_dir_of(args)
     root = resolve(args.root_path)
     try:
-        check_acdc_root(root, args.train_list, labelnum=args.labelnum, patch_size=args.patch_size)
+        info = check_acdc_root(root, args.train_list, labelnum=args.labelnum, patch_size=args.patch_size)
         if args.val_every:
             check_acdc_root(root, args.val_list)
     except DataError as e:
@@ -164,12 +172,20 @@ def main(argv=None):
     if args.max_iterations is None:   # 300 epochs over the unlabeled set (the labeled set for supervised)
         per_epoch = math.ceil((n_unlabeled or n_labeled) / ((unlabeled_bs or labeled_bs) * world))
         args.max_iterations = args.epochs * per_epoch
+        if ckpt is not None:  # now known: must match the saved run too
+            compare_resume_args(args, ckpt)
     dataset = ACDCSlices(root, slices, labeled_count=n_labeled, patch_size=args.patch_size, cache=not args.no_cache)
 
     run_dir = prepare_run_dir(args, is_main)
     log = get_logger(run_dir, is_main)
+    for message in info.get("warnings", []) + (ckpt or {}).get("resume_warnings", []):
+        log.warning(f"warning: {message}")
+    if args.resume and is_main:
+        for p in remove_stale_temp_files(run_dir):
+            log.info(f"removed {p.name}, a checkpoint write interrupted by a kill")
     model = build_model("acdc", args.drop_weak, args.drop_strong, args.dropout_type)
-    model, raw_model, optimizer, scaler, start = prepare_model(model, args, device, world, local_rank, 2)
+    model, raw_model, optimizer, scaler, start = prepare_model(model, args, device, world, local_rank, 2, ckpt)
+    del ckpt
     sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(slices)), labeled_bs, unlabeled_bs,
                                     seed=args.seed, num_iterations=args.max_iterations, start_iteration=start,
                                     rank=rank, world_size=world)
@@ -201,10 +217,10 @@ def main(argv=None):
             dice = validate(raw_model, root, val_names, args, device)
             writer.add_scalar("val/mean_dice", dice, done)
             log.info(f"it {done}: mean Dice on {args.val_list} {dice:.4f} (logged only)")
-        if is_main and (done % args.save_every == 0 or done == args.max_iterations):
-            save_run_checkpoint(run_dir / "latest.pth", raw_model, optimizer, scaler, done, args)
+        checkpoint_step(done, args, raw_model, optimizer, scaler, run_dir, is_main, log)
         bar.update(1)
     bar.close()
+    dump_rank_state(raw_model, optimizer, rank)
     if is_main:
         final = run_dir / f"iter_{args.max_iterations}.pth"
         save_run_checkpoint(final, raw_model, optimizer, scaler, args.max_iterations, args)

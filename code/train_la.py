@@ -18,18 +18,20 @@ from networks import build_model
 from utils.checks import DataError, check_la_root
 from utils.cutmix import partner_index, sample_boxes
 from utils.data_la import LADataset, read_list
-from utils.distributed import cleanup
+from utils.checkpoint import remove_stale_temp_files
+from utils.distributed import cleanup, dump_rank_state
 from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.paths import resolve
-from utils.run import (add_common_args, autocast, get_logger, log_images, log_iteration, memory_format,
-                       poly_lr, prepare_model, prepare_run_dir, save_run_checkpoint, set_lr, setup_process,
-                       validate_common_args, write_config)
+from utils.run import (ArgumentParser, add_common_args, autocast, check_run_dir, checkpoint_step, get_logger,
+                       load_resume, log_images, log_iteration, memory_format, poly_lr, prepare_model, prepare_run_dir,
+                       resume_finished, run_dir_of, save_run_checkpoint, set_lr, setup_process, validate_common_args,
+                       write_config)
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
 from utils.seeding import iteration_seed
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root_path", default="data/LA", help="LA root with train.list and '2018LA_Seg_Training Set/'")
     p.add_argument("--train_list", default="train.list", help="list file (path, or a name inside the root)")
     add_common_args(p, labelnum=8, max_iterations=9000, batch_size=4, labeled_bs=2, base_lr=1e-3,
@@ -123,10 +125,16 @@ def main(argv=None):
     rank, world, local_rank, device = setup_process(args)
     is_main = rank == 0
 
-    # data: checked before anything is written or trained
+    # refusals first, before anything is written: an existing run folder, --resume flags, then the data
+    check_run_dir(args, is_main)
+    ckpt = load_resume(args, device, world) if args.resume else None
+    if ckpt is not None and resume_finished(ckpt, args, run_dir_of(args), get_logger(run_dir_of(args), is_main),
+                                                     is_main):
+        cleanup()
+        return run_dir_of(args)
     root = resolve(args.root_path)
     try:
-        check_la_root(root, args.train_list, labelnum=args.labelnum, patch_size=args.patch_size)
+        info = check_la_root(root, args.train_list, labelnum=args.labelnum, patch_size=args.patch_size)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     cases = read_list(root / args.train_list)
@@ -139,8 +147,14 @@ def main(argv=None):
 
     run_dir = prepare_run_dir(args, is_main)
     log = get_logger(run_dir, is_main)
+    for message in info.get("warnings", []) + (ckpt or {}).get("resume_warnings", []):
+        log.warning(f"warning: {message}")
+    if args.resume and is_main:
+        for p in remove_stale_temp_files(run_dir):
+            log.info(f"removed {p.name}, a checkpoint write interrupted by a kill")
     model = build_model("la", args.drop_weak, args.drop_strong, args.dropout_type)
-    model, raw_model, optimizer, scaler, start = prepare_model(model, args, device, world, local_rank, 3)
+    model, raw_model, optimizer, scaler, start = prepare_model(model, args, device, world, local_rank, 3, ckpt)
+    del ckpt
     sampler = TwoStreamBatchSampler(range(args.labelnum), range(args.labelnum, len(cases)), labeled_bs,
                                     unlabeled_bs, seed=args.seed, num_iterations=args.max_iterations,
                                     start_iteration=start, rank=rank, world_size=world)
@@ -167,10 +181,10 @@ def main(argv=None):
         log_iteration(logs, done, args, optimizer, writer, bar, log, run_dir)
         if want_pred:
             log_images(writer, batch, logs["pred_l"], done)
-        if is_main and (done % args.save_every == 0 or done == args.max_iterations):
-            save_run_checkpoint(run_dir / "latest.pth", raw_model, optimizer, scaler, done, args)
+        checkpoint_step(done, args, raw_model, optimizer, scaler, run_dir, is_main, log)
         bar.update(1)
     bar.close()
+    dump_rank_state(raw_model, optimizer, rank)
     if is_main:
         final = run_dir / f"iter_{args.max_iterations}.pth"
         save_run_checkpoint(final, raw_model, optimizer, scaler, args.max_iterations, args)

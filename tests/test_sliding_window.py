@@ -62,11 +62,21 @@ def test_sw_batch_does_not_change_the_result():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
     image = np.random.default_rng(2).normal(size=(27, 22, 13)).astype(np.float32)
-    p1, l1 = sliding_window_inference(model, image, (16, 16, 8), stride_xy=5, stride_z=3, sw_batch=1)
-    p3, l3 = sliding_window_inference(model, image, (16, 16, 8), stride_xy=5, stride_z=3, sw_batch=3)
+    p1, l1 = sliding_window_inference(model, image, (16, 16, 8), stride_xy=8, stride_z=4, sw_batch=1)
+    p3, l3 = sliding_window_inference(model, image, (16, 16, 8), stride_xy=8, stride_z=4, sw_batch=4)
     np.testing.assert_allclose(p1, p3, atol=1e-6)
     np.testing.assert_array_equal(l1, l3)
     assert not model.training  # evaluation puts the model in eval mode
+
+
+def test_autocast_bf16_runs_and_stays_float32():
+    torch.manual_seed(0)
+    model = nn.Conv3d(1, 2, 1)
+    image = np.random.default_rng(3).normal(size=(18, 17, 9)).astype(np.float32)
+    ref, _ = sliding_window_inference(model, image, (16, 16, 8), stride_xy=6, stride_z=2)
+    probs, _ = sliding_window_inference(model, image, (16, 16, 8), stride_xy=6, stride_z=2, amp_dtype=torch.bfloat16)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs, ref, atol=2e-2)
 
 
 def test_largest_connected_component():
@@ -105,7 +115,7 @@ def test_find_checkpoint_from_checkpoint_args_and_fallback(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------- test_la CLI
-SHAPE, PATCH = (32, 32, 16), [16, 16, 16]
+SHAPE, PATCH = (24, 20, 16), [16, 16, 16]  # stride 8: 2 x 2 x 1 windows
 
 
 @pytest.fixture
@@ -116,7 +126,7 @@ def la_run(tmp_path):
     cases = ["caseA", "caseB"]
     for case in cases:
         label = np.zeros(SHAPE, dtype=np.uint8)
-        label[8:22, 10:24, 4:12] = 1
+        label[6:18, 5:15, 4:12] = 1
         image = (rng.normal(size=SHAPE) + 2.0 * label).astype(np.float32)
         d = root / "2018LA_Seg_Training Set" / case
         d.mkdir(parents=True)
@@ -135,11 +145,12 @@ def la_run(tmp_path):
 def test_test_la_cli(la_run):
     root, run, cases = la_run
     summary = test_la.main(["--run", str(run), "--stride_xy", "8", "--stride_z", "4", "--device", "cpu",
-                            "--sw_batch", "2", "--save_nii"])
+                            "--sw_batch", "4", "--save_nii"])
     for key in ("dice", "jaccard", "hd95", "asd", "dice_std", "hd95_std", "n_cases", "n_empty", "n_empty_label",
                 "n_both_empty", "distance_policy", "checkpoint", "iteration", "list"):
         assert key in summary
-    assert summary["n_cases"] == 2 and summary["iteration"] == 10 and summary["lcc"] is False
+    assert summary["n_cases"] == 2 and summary["iteration"] == 10 and summary["final_checkpoint"] is True
+    assert summary["lcc"] is False
     assert summary["checkpoint"] == str(run / "iter_10.pth") and summary["patch_size"] == PATCH
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["n_cases"] == 2 and on_disk["distance_policy"] == summary["distance_policy"]
@@ -153,7 +164,7 @@ def test_test_la_cli(la_run):
     model.load_state_dict(torch.load(run / "iter_10.pth", weights_only=True)["model"])
     with h5py.File(root / "2018LA_Seg_Training Set" / "caseA" / "mri_norm2.h5") as f:
         image = f["image"][()]
-    _, pred = sliding_window_inference(model, image, PATCH, stride_xy=8, stride_z=4)
+    _, pred = sliding_window_inference(model, image, PATCH, stride_xy=8, stride_z=4, sw_batch=4)
     np.testing.assert_array_equal(nib.load(run / "predictions" / "caseA_pred.nii.gz").get_fdata(), pred)
 
 
@@ -161,7 +172,8 @@ def test_test_la_cli_ckpt_and_options(la_run, tmp_path):
     _, run, _ = la_run
     out = tmp_path / "elsewhere"
     summary = test_la.main(["--ckpt", str(run / "iter_10.pth"), "--out", str(out), "--stride_xy", "16",
-                            "--stride_z", "16", "--device", "cpu", "--lcc", "--empty_distance", "zero", "--no_png"])
+                            "--stride_z", "16", "--sw_batch", "4", "--device", "cpu", "--lcc", "--empty_distance", "zero",
+                            "--no_png"])
     assert summary["lcc"] is True and summary["empty_distance"] == "zero"
     assert (out / "summary.json").is_file() and not (out / "png").exists()
 
@@ -175,10 +187,10 @@ def test_test_la_cli_errors(la_run, tmp_path):
         test_la.main(["--ckpt", str(tmp_path / "nope.pth")] + base)
     with pytest.raises(SystemExit, match="other.list"):
         test_la.main(["--run", str(run), "--list", "other.list"] + base)
-    (root / "bad.list").write_text("caseA\nghost\n")
+    (root / "bad.list").write_text("ghost\ncaseA\n")
     with pytest.raises(SystemExit, match="ghost"):
         test_la.main(["--run", str(run), "--list", "bad.list"] + base)
-    with h5py.File(root / "2018LA_Seg_Training Set" / "caseB" / "mri_norm2.h5", "a") as f:
+    with h5py.File(root / "2018LA_Seg_Training Set" / "caseA" / "mri_norm2.h5", "a") as f:
         del f["label"]
-    with pytest.raises(SystemExit, match=r"caseB.*label"):
+    with pytest.raises(SystemExit, match=r"caseA.*label"):
         test_la.main(["--run", str(run)] + base)

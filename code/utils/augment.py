@@ -58,12 +58,14 @@ def smooth_bias_field(shape: Sequence[int], rng: np.random.Generator, degree: in
     coeffs[(grids == 0) | (grids > degree)] = 0.0
     amplitude = rng.uniform(*max_log_amplitude)
     bases = [_legendre_basis(n, degree) for n in shape]
-    # contract the last axis first: t[..., n_last] then move forwards, keeping C order
+    # contract one coefficient axis at a time, last axis first, each step a C-ordered einsum (no BLAS:
+    # BLAS threads cost far more than they save on these thin contractions inside loader workers)
+    coef_letters, grid_letters = "abcdefgh", "stuvwxyz"[-len(shape):]
     t = coeffs
     for axis in range(len(shape) - 1, -1, -1):
-        # t has shape (d,)*(axis+1) + shape[axis+1:]; contract its axis `axis` with bases[axis]
-        t = np.tensordot(t, bases[axis], axes=([axis], [1]))          # (d,)*axis + shape[axis+1:] + (n,)
-        t = np.moveaxis(t, -1, axis)                                  # (d,)*axis + shape[axis:]
+        src = coef_letters[:axis + 1] + grid_letters[axis + 1:]
+        dst = coef_letters[:axis] + grid_letters[axis:]
+        t = np.einsum(f"{src},{grid_letters[axis]}{coef_letters[axis]}->{dst}", t, bases[axis])
     log_field = np.ascontiguousarray(t, dtype=np.float32)
     peak = float(np.abs(log_field).max())
     if peak > 0:

@@ -15,8 +15,6 @@ positive 2D patch is valid. A patch with the wrong number of axes or a non-posit
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
 import h5py
 import numpy as np
 

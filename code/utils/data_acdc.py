@@ -18,6 +18,10 @@ from utils.augment import strong_2d, weak_2d
 from utils.data_la import data_error, augment_streams, parse_item, read_h5_arrays, read_list  # noqa: F401
 from utils.sampler import collate_two_stream  # noqa: F401  (re-exported: one collate for both tasks)
 
+__all__ = ["NUM_CLASSES", "LABELED_SLICES", "labeled_slice_count", "slices_of_first_patients",
+           "acdc_volume_path", "acdc_slice_path",
+           "patient_of", "load_volume", "load_slice", "ACDCSlices", "read_list", "collate_two_stream"]
+
 NUM_CLASSES = 4
 
 # labeled patients -> labeled slices (first M of train_slices.list), SPEC.md section 3
@@ -31,6 +35,22 @@ def labeled_slice_count(labelnum: int) -> int:
         allowed = ", ".join(str(k) for k in LABELED_SLICES)
         raise ValueError(f"--labelnum {labelnum!r} is not an ACDC labeled-patient count; allowed: {allowed}")
     return LABELED_SLICES[int(labelnum)]
+
+
+def slices_of_first_patients(slice_names: Sequence[str], n_patients: int) -> int:
+    """Length of the leading run of ``slice_names`` that covers the first ``n_patients`` distinct patients
+    (for data sets other than the real ACDC list, e.g. the synthetic demo; on the real
+    ``train_slices.list`` it equals ``labeled_slice_count``)."""
+    seen: list[str] = []
+    for i, name in enumerate(slice_names):
+        p = patient_of(name)
+        if p not in seen:
+            if len(seen) == n_patients:
+                return i
+            seen.append(p)
+    if len(seen) < n_patients:
+        raise ValueError(f"--labelnum {n_patients}: the slice list has only {len(seen)} patients")
+    return len(slice_names)
 
 
 def acdc_volume_path(root, name: str) -> Path:

@@ -17,6 +17,9 @@ from torch.utils.data import Dataset
 from utils.augment import strong_3d, weak_3d
 from utils.sampler import collate_two_stream  # noqa: F401  (re-exported: one collate for both tasks)
 
+__all__ = ["LA_CASE_DIR", "LA_CASE_FILE", "read_list", "la_case_path", "read_h5_arrays", "load_case",
+           "LADataset", "collate_two_stream", "data_error", "parse_item", "augment_streams"]
+
 LA_CASE_DIR = "2018LA_Seg_Training Set"
 LA_CASE_FILE = "mri_norm2.h5"
 

@@ -141,8 +141,9 @@ class EvalSetup:
 
     def info(self, args) -> dict:
         """The summary.json entries that say what was evaluated and how."""
-        return dict(checkpoint=str(self.checkpoint), iteration=self.state.get("iteration"),
-                    max_iterations=(self.state.get("args") or {}).get("max_iterations"), root_path=str(self.root),
+        final = (self.state.get("args") or {}).get("max_iterations")
+        return dict(checkpoint=str(self.checkpoint), iteration=self.state.get("iteration"), max_iterations=final,
+                    final_checkpoint=final is not None and self.state.get("iteration") == final, root_path=str(self.root),
                     list=str(self.list_path), patch_size=list(self.patch_size), device=str(self.device),
                     amp=args.amp, empty_distance=args.empty_distance)
 
@@ -176,7 +177,8 @@ def predict_volume_slices(model: torch.nn.Module, image, patch_size: Sequence[in
                           batch_slices: int = 16, amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """Slice-wise 2D prediction of a ``(D, H, W)`` volume, as the lineage's ``test_single_volume``: each slice
     is zoomed to ``patch_size`` with ``scipy.ndimage.zoom(order=0)`` (nearest, also for the image), the argmax
-    of the logits (= of the softmax) is zoomed back with order 0. ``batch_slices`` slices per forward call.
+    of the logits (= of the softmax) is zoomed back with order 0. ``batch_slices`` slices per forward call;
+    the model is put in eval mode and left there.
     Returns the ``(D, H, W)`` uint8 label map."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:

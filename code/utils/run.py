@@ -17,6 +17,22 @@ from .paths import REPO_ROOT, resolve
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Flags that change what is trained: a --resume whose flags differ in any of these from the saved run is
+# refused (docs/RELIABILITY.md). The others (data location, device, workers, logging) may differ: warned.
+METHOD_FLAGS = ("labelnum", "max_iterations", "epochs", "batch_size", "labeled_bs", "base_lr", "optimizer",
+                "momentum", "nesterov", "weight_decay", "poly_power", "patch_size", "conf_thresh", "eta",
+                "drop_weak", "drop_strong", "dropout_type", "cutmix_p", "unsup_loss", "method", "no_ip", "no_tkd",
+                "no_dkd", "seed", "amp", "sync_bn")
+IGNORED_ON_RESUME = ("resume", "overwrite", "exp", "out_dir", "task")
+NETWORK_STRIDE = 16  # V-Net and U-Net halve the resolution 4 times: every patch axis must be a multiple of 16
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the flag and what was expected) instead of the full usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 def add_common_args(p: argparse.ArgumentParser, *, labelnum, max_iterations, batch_size, labeled_bs, base_lr,
                     optimizer, weight_decay, patch_size, conf_thresh, save_every):
@@ -69,6 +85,8 @@ def validate_common_args(args, n_dims: int, need_iterations: bool = True):
         raise SystemExit(f"error: {flag} {getattr(args, flag.lstrip('-'))}: expected {want}")
     if len(args.patch_size) != n_dims or min(args.patch_size) < 1:
         bad("--patch_size", f"{n_dims} positive integers")
+    if any(p % NETWORK_STRIDE for p in args.patch_size):
+        bad("--patch_size", f"multiples of {NETWORK_STRIDE} (the network halves the resolution 4 times)")
     if args.batch_size < 1:
         bad("--batch_size", "at least 1")
     if args.method == "crossmatch" and not 1 <= args.labeled_bs < args.batch_size:
@@ -88,8 +106,14 @@ def validate_common_args(args, n_dims: int, need_iterations: bool = True):
             bad(flag, "a dropout rate in [0, 1)")
     if args.base_lr <= 0:
         bad("--base_lr", "a positive learning rate")
+    if args.weight_decay < 0:
+        bad("--weight_decay", "a non-negative number")
+    if args.num_workers < 0:
+        bad("--num_workers", "0 or more worker processes")
     if args.save_every < 1 or args.log_every < 1 or args.image_every < 1:
         raise SystemExit("error: --save_every, --log_every and --image_every must be at least 1")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite exclude each other (continue the run, or replace it)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,8 +123,12 @@ def pick_device(name: str) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -128,19 +156,31 @@ def make_optimizer(params, args):
                            nesterov=args.nesterov)
 
 
-def prepare_run_dir(args, is_main: bool = True) -> Path:
-    """model/<TASK>_<exp>_<labelnum>_labeled; refuses to start over an existing run unless --resume/--overwrite."""
+def check_run_dir(args, is_main: bool = True) -> Path:
+    """The run folder model/<TASK>_<exp>_<labelnum>_labeled, checked without touching anything: a folder that
+    already holds a run is refused unless --resume or --overwrite; --resume needs its latest.pth.
+    Under torchrun only rank 0 decides (the others would race with its writes); its exit stops them all."""
     run_dir = run_dir_of(args)
+    if not is_main:
+        return run_dir
     has_run = (run_dir / "config.json").exists() or any(run_dir.glob("*.pth"))
     if args.resume:
         if not (run_dir / "latest.pth").is_file():
-            raise SystemExit(f"error: --resume: {run_dir / 'latest.pth'} does not exist (nothing to resume)")
+            raise SystemExit(f"error: --resume: {run_dir / 'latest.pth'} does not exist (nothing to resume; "
+                             f"check --exp, --labelnum and --out_dir)")
     elif has_run and not args.overwrite:
         raise SystemExit(f"error: run folder {run_dir} already holds a run; pass --resume to continue it "
                          f"or --overwrite to replace it (or choose another --exp)")
-    elif has_run and args.overwrite and is_main:
-        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def prepare_run_dir(args, is_main: bool = True) -> Path:
+    """``check_run_dir``, then create the folder (rank 0; --overwrite deletes the old one first). Call it after
+    the data checks, so that a run refused for bad data leaves an old run folder untouched."""
+    run_dir = check_run_dir(args, is_main)
     if is_main:
+        if args.overwrite and not args.resume and run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -200,6 +240,9 @@ def setup_process(args):
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise SystemExit(f"error: --sync_bn: SyncBatchNorm needs CUDA devices, these processes run on {device.type} "
+                         f"(drop --sync_bn)")
     seed_everything(args.seed + rank, args.deterministic)
     return rank, world, local_rank, device
 
@@ -211,13 +254,71 @@ def memory_format(device: torch.device, n_spatial: int):
     return torch.channels_last_3d if n_spatial == 3 else torch.channels_last
 
 
-def prepare_model(model, args, device, world, local_rank, n_spatial):
-    """Move to the device, restore --resume state, wrap for DDP / torch.compile.
+def load_resume(args, device, world: int) -> dict:
+    """--resume: read the run's latest.pth (weights-only) and compare the saved flags with this command's.
+
+    Differences in ``METHOD_FLAGS`` or in the number of processes are refused (one line listing them); other
+    differences are returned as warnings in ``ckpt['resume_warnings']``. ``max_iterations`` is compared only when
+    known (ACDC derives it from --epochs later: call ``compare_resume_args`` again then)."""
+    from .checkpoint import CheckpointError, load_checkpoint
+    path = run_dir_of(args) / "latest.pth"
+    try:
+        ckpt = load_checkpoint(path, map_location=device, require=("model", "optimizer", "scaler", "iteration", "args"))
+    except CheckpointError as e:
+        raise SystemExit(f"error: --resume: {e}") from None
+    saved_world = ckpt.get("world_size")
+    if saved_world is not None and int(saved_world) != world:
+        raise SystemExit(f"error: --resume: {path} was trained by {saved_world} process(es), this command runs "
+                         f"{world}; the effective batch (processes x --batch_size) and the data order would change. "
+                         f"Resume with {saved_world} process(es)")
+    ckpt["resume_warnings"] = compare_resume_args(args, ckpt, path)
+    return ckpt
+
+
+def compare_resume_args(args, ckpt, path=None) -> list:
+    """Refuse differing ``METHOD_FLAGS`` (SystemExit), return warnings for other differing flags."""
+    saved, now = ckpt.get("args") or {}, vars(args)
+    path = path or run_dir_of(args) / "latest.pth"
+
+    def norm(v):
+        return list(v) if isinstance(v, tuple) else v
+    differ, warn = [], []
+    for key in sorted(set(saved) & set(now)):
+        if key in IGNORED_ON_RESUME or norm(saved[key]) == norm(now[key]):
+            continue
+        if key == "max_iterations" and now[key] is None:
+            continue
+        fmt = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+        text = f"--{key} {fmt(now[key])} (saved {fmt(saved[key])})"
+        (differ if key in METHOD_FLAGS else warn).append(text)
+    if differ:
+        raise SystemExit(f"error: --resume: flags that change the method differ from the run in {path}: "
+                         f"{', '.join(differ)}; repeat the original flags, or start a new run (another --exp)")
+    return [f"--resume: flag differs from the saved run, continuing: {w}" for w in warn]
+
+
+def resume_finished(ckpt, args, run_dir, log, is_main: bool = True) -> bool:
+    """True (after saying so) when the resumed run already completed all its iterations; writes the final
+    iter_<N>.pth from latest.pth if a kill came between the two writes."""
+    target = args.max_iterations if args.max_iterations is not None else (ckpt.get("args") or {}).get("max_iterations")
+    done = int(ckpt["iteration"])
+    if target is None or done < int(target):
+        return False
+    final = run_dir / f"iter_{int(target)}.pth"
+    if is_main and not final.is_file():
+        from .checkpoint import save_checkpoint
+        save_checkpoint({k: v for k, v in ckpt.items() if k != "resume_warnings"}, final)
+        log.info(f"wrote the missing final checkpoint {final} from latest.pth")
+    log.info(f"run folder {run_dir} already finished: latest.pth is at iteration {done} of {target}; "
+             f"nothing to train (final checkpoint {final})")
+    return True
+
+
+def prepare_model(model, args, device, world, local_rank, n_spatial, ckpt=None):
+    """Move to the device, restore --resume state (``ckpt`` from ``load_resume``), wrap for DDP / torch.compile.
 
     Returns (model to call, raw model for state dicts, optimizer, scaler, start iteration)."""
     from torch.nn.parallel import DistributedDataParallel
-
-    from .checkpoint import CheckpointError, load_checkpoint
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device, n_spatial))
@@ -225,14 +326,17 @@ def prepare_model(model, args, device, world, local_rank, n_spatial):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start = 0
     if args.resume:
+        if ckpt is None:
+            ckpt = load_resume(args, device, world)
         path = run_dir_of(args) / "latest.pth"
         try:
-            ckpt = load_checkpoint(path, map_location=device)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["scaler"]:
+                scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"error: --resume: {path} does not fit this network/optimizer: "
+                             f"{str(e).strip().splitlines()[0]}") from None
         start = int(ckpt["iteration"])
     raw = model
     if world > 1:
@@ -247,10 +351,36 @@ def run_dir_of(args) -> Path:
 
 
 def save_run_checkpoint(path, raw_model, optimizer, scaler, iteration, args):
+    """Write a training checkpoint atomically (utils/checkpoint.py). Weights that are no longer finite are
+    never written: training stops and the last good checkpoint stays as it was."""
     from .checkpoint import save_checkpoint
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "iteration": iteration, "args": vars(args),
-                     "task": args.task}, path)
+    from .distributed import world_size
+    state = raw_model.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise SystemExit(f"error: non-finite weights after iteration {iteration} ({len(bad)} tensors, e.g. "
+                         f"{bad[0]}); not writing {path}, the last good checkpoint is kept. Lower --base_lr?")
+    save_checkpoint({"model": state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "iteration": iteration, "args": vars(args), "task": args.task, "world_size": world_size()},
+                    path)
+
+
+def checkpoint_step(done, args, raw_model, optimizer, scaler, run_dir, is_main, log) -> None:
+    """At every --save_every iteration and the last one: under torchrun check that the ranks hold identical
+    weights (collective), then rank 0 writes latest.pth."""
+    from .distributed import cleanup, is_distributed, ranks_in_sync
+    if not (done % args.save_every == 0 or done == args.max_iterations):
+        return
+    if is_distributed():
+        if not ranks_in_sync(raw_model, optimizer):
+            log.error(f"iteration {done}: the processes hold different weights; stopping without writing a "
+                      f"checkpoint (the last good one, {run_dir / 'latest.pth'}, is kept)")
+            cleanup()
+            raise SystemExit(1)
+        if is_main and done == args.max_iterations:
+            log.info(f"iteration {done}: parameters and optimizer state identical on all processes")
+    if is_main:
+        save_run_checkpoint(run_dir / "latest.pth", raw_model, optimizer, scaler, done, args)
 
 
 def log_iteration(logs, done, args, optimizer, writer, bar, log, run_dir) -> None:
@@ -273,7 +403,7 @@ def log_iteration(logs, done, args, optimizer, writer, bar, log, run_dir) -> Non
         writer.add_scalar(f"train/{k}", v, done)
     writer.add_scalar("train/lr", lr, done)
     bar.set_postfix(loss=f"{values['loss']:.4f}")
-    if done % (args.log_every * 10) == 0 or done == args.max_iterations:
+    if done <= 3 * args.log_every or done % (args.log_every * 10) == 0 or done == args.max_iterations:
         log.info(f"it {done}/{args.max_iterations} lr {lr:.2e} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
 

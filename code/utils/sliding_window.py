@@ -33,7 +33,7 @@ def sliding_window_inference(model: torch.nn.Module, image, patch_size: Sequence
     """Predict one volume with a model mapping ``(B, 1, x, y, z)`` to logits ``(B, C, x, y, z)``.
 
     ``image``: ``(X, Y, Z)`` array. ``sw_batch`` windows go through the model per forward call (the model is
-    in eval mode, so the result does not depend on it). ``amp_dtype`` (``torch.bfloat16``/``torch.float16``)
+    put in eval mode, and left there, so the result does not depend on it). ``amp_dtype`` (``torch.bfloat16``/``torch.float16``)
     runs the forward under autocast; the softmax and the accumulation stay float32.
     Returns ``(probabilities (C, X, Y, Z) float32 numpy, label map (X, Y, Z) uint8 numpy)``."""
     image = np.asarray(image, dtype=np.float32)

@@ -118,8 +118,8 @@ def make_la(root, n_train: int = 4, n_test: int = 2, shape: Sequence[int] = (32,
             shape_jitter: float = 0.1) -> Path:
     """Write an LA-format root: ``train.list``, ``test.list``, ``2018LA_Seg_Training Set/<case>/mri_norm2.h5``.
 
-    Case ids ``synla_000``...; volume shapes are ``shape`` with x and y varied by up to ``shape_jitter``
-    (z fixed, as in the real data). Returns the root.
+    Case ids ``synla_000``...; ``test.list`` only when ``n_test > 0``. Volume shapes are ``shape`` with
+    x and y varied by up to ``shape_jitter`` (z fixed, as in the real data). Returns the root.
     """
     root = Path(root)
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -131,7 +131,8 @@ def make_la(root, n_train: int = 4, n_test: int = 2, shape: Sequence[int] = (32,
         image, label = _la_volume(vol_shape, rng)
         _write_h5(la_case_path(root, name), image, label)
     _write_list(root / "train.list", names[:n_train])
-    _write_list(root / "test.list", names[n_train:])
+    if n_test:
+        _write_list(root / "test.list", names[n_train:])
     return root
 
 
@@ -205,7 +206,8 @@ def make_acdc(root, n_train_patients: int = 3, n_val: int = 1, n_test: int = 1,
     training volumes, ``train_slices.list``, ``train.list``, ``val.list``, ``test.list``.
 
     Patients are numbered from 1: training first, then validation, then test; ``n_val`` / ``n_test``
-    count patients (two volumes each, as in the real lists). H and W vary per patient by up to
+    count patients (two volumes each, as in the real lists); a split without patients gets no list.
+    H and W vary per patient by up to
     ``shape_jitter``. Returns the root.
     """
     root = Path(root)
@@ -231,5 +233,6 @@ def make_acdc(root, n_train_patients: int = 3, n_val: int = 1, n_test: int = 1,
                         slice_names.append(name)
     _write_list(root / "train_slices.list", slice_names)
     for split, names in lists.items():
-        _write_list(root / f"{split}.list", names)
+        if names:  # no empty lists: a split without patients has no list, as test.list in the shared data
+            _write_list(root / f"{split}.list", names)
     return root

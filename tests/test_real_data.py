@@ -1,0 +1,146 @@
+"""Loaders and checks on the real data; skipped unless LA_ROOT / ACDC_ROOT point at the unpacked roots
+(e.g. ``LA_ROOT=/tmp/crossmatch-data/LA ACDC_ROOT=/tmp/crossmatch-data/ACDC``).
+
+Arrays are compared with ``../shared/data/arrays.sha256.json`` (relative to the repository) when that
+file exists: SHA-256 over, for each dataset name in sorted order, the name, the dtype string, the shape
+string and the raw C-order bytes; keys are ``LA/<path under the LA root>`` and ``ACDC/<path under the
+ACDC root>``.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from utils.checks import check_acdc_root, check_la_root
+from utils.data_acdc import (LABELED_SLICES, ACDCSlices, acdc_slice_path, acdc_volume_path, labeled_slice_count,
+                             load_slice, load_volume, patient_of, slices_of_first_patients)
+from utils.data_la import LADataset, la_case_path, load_case, read_list
+from utils.sampler import collate_two_stream
+
+REPO = Path(__file__).resolve().parents[1]
+HASHES = REPO.parent / "shared" / "data" / "arrays.sha256.json"
+LA_ROOT = os.environ.get("LA_ROOT")
+ACDC_ROOT = os.environ.get("ACDC_ROOT")
+
+needs_la = pytest.mark.skipif(not LA_ROOT, reason="LA_ROOT not set")
+needs_acdc = pytest.mark.skipif(not ACDC_ROOT, reason="ACDC_ROOT not set")
+
+
+def array_hash(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def expected_hashes():
+    if not HASHES.is_file():
+        return None
+    return json.loads(HASHES.read_text())
+
+
+def check_hash(prefix: str, root: Path, path: Path, image, label):
+    table = expected_hashes()
+    if table is None:
+        return False
+    with h5py.File(path) as h:
+        names = sorted(h.keys())
+    assert names == ["image", "label"], f"{path}: unexpected datasets {names}"
+    key = f"{prefix}/{path.relative_to(root).as_posix()}"
+    assert key in table, f"{key} not in {HASHES}"
+    assert array_hash({"image": image, "label": label}) == table[key], f"{path}: arrays differ from {HASHES}"
+    return True
+
+
+@needs_la
+def test_la_cases_match_published_arrays():
+    root = Path(LA_ROOT)
+    cases = read_list(root / "train.list")
+    assert len(cases) == 80
+    for case in cases[:2] + cases[-1:]:
+        path = la_case_path(root, case)
+        image, label = load_case(path)
+        assert image.dtype == np.float32 and label.dtype == np.uint8 and image.ndim == 3
+        check_hash("LA", root, path, image, label)
+
+
+@needs_la
+def test_la_dataset_on_real_cases():
+    root = Path(LA_ROOT)
+    cases = read_list(root / "train.list")[:3]
+    ds = LADataset(root, cases, labeled_count=1, patch_size=(112, 112, 80), cache=False)
+    batch = collate_two_stream([ds[(0, 1)], ds[(2, 2)]])
+    assert batch["x_l"].shape == (1, 1, 112, 112, 80) and batch["y_l"].shape == (1, 112, 112, 80)
+    assert set(torch.unique(batch["y_l"]).tolist()) <= {0, 1}
+    assert batch["x_s1"].shape == (1, 1, 112, 112, 80)
+    assert torch.isfinite(batch["x_s1"]).all() and not torch.equal(batch["x_s1"], batch["x_s2"])
+
+
+@needs_la
+def test_la_root_checks():
+    info = check_la_root(LA_ROOT, "train.list", labelnum=16, patch_size=(112, 112, 80))
+    assert info["n_cases"] == info["n_read"] == 80
+    assert info["image_dtypes"] == ["float32"] and info["label_dtypes"] == ["uint8"]
+    assert 0.02 < info["class_fractions"][1] < 0.3 and info["n_without_foreground"] == 0
+
+
+@needs_acdc
+def test_acdc_arrays_match_published_and_slices_match_volumes():
+    root = Path(ACDC_ROOT)
+    vols = read_list(root / "val.list")[:2] + read_list(root / "train.list")[:1]
+    for vol in vols:
+        path = acdc_volume_path(root, vol)
+        image, label = load_volume(path)
+        assert image.ndim == 3 and label.dtype == np.uint8
+        check_hash("ACDC", root, path, image, label)
+    slices = read_list(root / "train_slices.list")
+    for name in slices[:3]:
+        path = acdc_slice_path(root, name)
+        image, label = load_slice(path)
+        check_hash("ACDC", root, path, image, label)
+        vol, k = name.rsplit("_slice_", 1)
+        vimage, vlabel = load_volume(acdc_volume_path(root, vol))
+        # slice k = volume[k - 1] (the slice files may be stored in a narrower float type)
+        assert np.array_equal(label, vlabel[int(k) - 1])
+        assert np.allclose(image, vimage[int(k) - 1], atol=1e-6)
+
+
+@needs_acdc
+def test_acdc_labeled_slice_table_matches_the_list():
+    slices = read_list(Path(ACDC_ROOT) / "train_slices.list")
+    assert len(slices) == 1312
+    patients = [patient_of(s) for s in slices]
+    for n in LABELED_SLICES:
+        m = labeled_slice_count(n)
+        assert len(set(patients[:m])) == n                       # exactly n patients labeled
+        assert m == len(slices) or patients[m] not in set(patients[:m])   # no patient split
+        assert slices_of_first_patients(slices, n) == m
+
+
+@needs_acdc
+def test_acdc_dataset_on_real_slices():
+    root = Path(ACDC_ROOT)
+    names = read_list(root / "train_slices.list")[:4]
+    ds = ACDCSlices(root, names, labeled_count=2, cache=False)
+    batch = collate_two_stream([ds[(i, i)] for i in range(4)])
+    assert batch["x_l"].shape == (2, 1, 256, 256) and batch["x_w"].shape == (2, 1, 256, 256)
+    assert int(batch["y_l"].max()) <= 3 and float(batch["x_s1"].min()) >= 0 and float(batch["x_s1"].max()) <= 1
+
+
+@needs_acdc
+def test_acdc_root_checks():
+    root = Path(ACDC_ROOT)
+    info = check_acdc_root(root, "train_slices.list", labelnum=7, patch_size=(256, 256))
+    assert info["n_cases"] == 1312 and info["n_labeled"] == 136 and info["warnings"] == []
+    val = check_acdc_root(root, "val.list")
+    assert val["kind"] == "volumes" and val["n_cases"] == 20 and val["n_patients"] == 10
+    assert len(val["class_fractions"]) == 4 and min(val["class_fractions"]) > 0
