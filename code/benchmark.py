@@ -25,10 +25,19 @@ eager iteration, also with --compile). It counts 2 FLOPs per multiply-add of con
 products (and their backward), nothing for element-wise ops or the optimizer.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated, reset before every iteration, max over the method's
-iterations. On CPU the process's peak resident set (VmHWM): before each iteration free heap memory is handed
-back to the system (malloc_trim) and the high-water mark is reset (/proc/self/clear_refs), so the figure is
-the peak RSS of the whole process during that method's iterations, not an earlier method's; with --isolate,
-or where the reset is not possible, it is the max RSS of a fresh process that ran only that method.
+iterations. On CPU the process's peak resident set (VmHWM) during the method's warm-up iterations: before each
+of them free heap memory is handed back to the system (malloc_trim) and the high-water mark is reset
+(/proc/self/clear_refs), so the figure is the peak RSS of the whole process (interpreter, libraries, every
+method's model and host batch) while that method iterates, not an earlier method's. The timed iterations are
+left alone (a trim would make them fault their memory in again). With --isolate, or where the reset is not
+possible, it is the max RSS of a fresh process that ran only that method.
+
+CPU memory allocator (--malloc): glibc serves large blocks (above a threshold that is at most 32 MB) by mmap
+and unmaps them when they are freed, so every iteration faults its activation memory in again, page by page;
+that kernel time grows with the batch and is not small (see docs/PERFORMANCE.md). --malloc
+retain (glibc only) switches mmap off and never trims the heap (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD max,
+the same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...): freed memory is reused by the next iteration.
+It is process-wide and not undone.
 """
 import argparse
 import ctypes
@@ -50,7 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from networks import build_model
 from utils.cutmix import partner_index, sample_boxes
 from utils.losses import UNSUP_CRITERIA, supervised_loss
-from utils.run import AMP_DTYPES, autocast, memory_format, pick_device, poly_lr, prepare_model, set_lr
+from utils.run import ArgumentParser, AMP_DTYPES, autocast, memory_format, pick_device, poly_lr, prepare_model, set_lr
 from utils.seeding import iteration_seed
 
 METHODS = ("supervised", "crossmatch", "crossmatch_naive")
@@ -60,7 +69,7 @@ PAPER_TABLE_III_MS = {"V-Net (supervised)": 22, "UA-MT": 273, "BCP": 379, "Cross
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--task", choices=["la", "acdc"], default="la")
     a("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -75,6 +84,8 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the network (naive: encode and decode)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     a("--seed", type=int, default=1337)
+    a("--malloc", choices=["default", "retain"], default="default",
+      help="CPU: retain = glibc keeps freed memory for reuse (no mmap, no trim); process-wide, see above")
     a("--isolate", action="store_true",
       help="each method in a fresh subprocess (peak memory = that process's max RSS) instead of one process "
            "with interleaved iterations")
@@ -161,6 +172,18 @@ def _can_reset_hwm() -> bool:
         return False
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc mallopt parameters
+
+
+def retain_freed_memory() -> bool:
+    """glibc: serve large blocks from the heap (no mmap) and never give the heap back; True if it took."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class MemoryMeter:
     """Peak memory of the iterations between start() and stop(), per method (see the module docstring)."""
 
@@ -171,8 +194,8 @@ class MemoryMeter:
             self.how = "torch.cuda.max_memory_allocated, reset before every iteration; max over the method's iterations"
         elif not fresh_process and _can_reset_hwm():
             self.kind = "hwm"
-            self.how = ("CPU: peak resident set (VmHWM) of the whole process during the method's iterations; "
-                        "malloc_trim + /proc/self/clear_refs reset before every iteration")
+            self.how = ("CPU: peak resident set (VmHWM) of the whole process during the method's warm-up "
+                        "iterations; malloc_trim + /proc/self/clear_refs reset before each of them")
         else:
             self.kind = "maxrss"
             self.how = "CPU: max resident set (ru_maxrss) of a fresh process that ran only this method"
@@ -381,6 +404,7 @@ def measure_in_process(args, methods, device, fresh_process=False) -> tuple:
     """Warm up each method, then time the iterations round-robin. Returns ({method: result}, meter.how)."""
     meter = MemoryMeter(device, fresh_process)
     runners = {m: Runner(args, m, device) for m in methods}
+    every_iteration = meter.kind != "hwm"   # CPU + reset: the warm-up iterations only (module docstring)
     for m, r in runners.items():
         print(f"[benchmark] {args.task} {m}: warm-up ({args.warmup} iterations, the first counting FLOPs)",
               file=sys.stderr, flush=True)
@@ -391,9 +415,11 @@ def measure_in_process(args, methods, device, fresh_process=False) -> tuple:
     for i in range(args.iters):
         order = methods[i % len(methods):] + methods[:i % len(methods)]
         for m in order:
-            meter.start(m)
+            if every_iteration:
+                meter.start(m)
             runners[m].timed_iteration()
-            meter.stop(m)
+            if every_iteration:
+                meter.stop(m)
             print(f"[benchmark] {args.task} {m}: timed iteration {i + 1}/{args.iters}: "
                   f"{runners[m].times_ms[-1]:.1f} ms", file=sys.stderr, flush=True)
     return {m: r.result(meter) for m, r in runners.items()}, meter.how
@@ -450,6 +476,9 @@ def measure_eval(args, device) -> dict:
     windows = len(list(product(*(window_starts(s, p, t) for s, p, t in zip(padded, args.patch_size, strides)))))
     meter = MemoryMeter(device, fresh_process=False)
     amp_dtype = AMP_DTYPES[args.amp]
+    with torch.inference_mode():   # warm-up: the convolution primitives of every window batch size
+        for b in args.sw_batches:
+            model(torch.zeros((b, 1) + tuple(args.patch_size), device=device))
     times = {b: [] for b in args.sw_batches}
     ref, max_diff = None, 0.0
     for r in range(args.eval_repeats):
@@ -526,9 +555,19 @@ def print_report(out: dict) -> None:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:   # main() may be called from another program (the tests): leave its thread count as it was
+        torch.set_num_threads(threads_before)
+
+
+def _main(args, argv):
     device = pick_device(args.device)
+    if args.malloc == "retain" and device.type == "cpu" and not retain_freed_memory():
+        raise SystemExit("error: --malloc retain: mallopt is not available (glibc only)")
     flags = {k: v for k, v in vars(args).items() if k != "_one"}
     out = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "flags": flags, "command": "python code/benchmark.py " + " ".join(argv)}

@@ -9,12 +9,12 @@ everything is fine, 1 with a one-line ``error: ...`` message on the first proble
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from utils.checks import DataError, check_acdc_root, check_la_root
 from utils.paths import resolve
+from utils.run import ArgumentParser
 
 DEFAULT_ROOT = {"la": "data/LA", "acdc": "data/ACDC"}
 REQUIRED_LIST = {"la": "train.list", "acdc": "train_slices.list"}
@@ -23,7 +23,7 @@ CLASS_NAMES = {"la": ["bg", "LA"], "acdc": ["bg", "RV", "Myo", "LV"]}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=["la", "acdc"], required=True)
     p.add_argument("--root_path", default=None,
                    help="data root (default data/LA or data/ACDC; relative paths are taken from the repo root)")

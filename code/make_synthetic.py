@@ -7,10 +7,11 @@ import argparse
 
 from utils.paths import resolve
 from utils.synthetic import make_acdc, make_la
+from utils.run import ArgumentParser
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["la", "acdc"], required=True)
     p.add_argument("--out", required=True, help="root to write (relative paths: against the repository root)")
     p.add_argument("--n_train", type=int, default=20, help="LA: training volumes; ACDC: training patients")

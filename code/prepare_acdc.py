@@ -42,7 +42,6 @@ Run: ``python code/prepare_acdc.py --raw_dir <ACDC> --out_dir data/ACDC`` or
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -51,6 +50,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from utils.run import ArgumentParser
 
 FRAME_RE = re.compile(r"^(patient\d{3})_frame(\d{2})\.nii(\.gz)?$")
 PATIENT_RE = re.compile(r"^patient\d{3}$")
@@ -62,7 +62,7 @@ class PrepareError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--raw_dir", help="ACDC folder with training/ (and testing/)")
     mode.add_argument("--from_volumes", metavar="ROOT",

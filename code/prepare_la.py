@@ -40,7 +40,6 @@ Run: ``python code/prepare_la.py --raw_dir "<...>/Training Set" --out_dir data/L
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -48,6 +47,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from utils.run import ArgumentParser
 
 IMAGE_NAME = "lgemri.nrrd"
 LABEL_NAME = "laendo.nrrd"
@@ -60,7 +60,7 @@ class PrepareError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--raw_dir", required=True, help="folder with one <case>/ folder per case")
     p.add_argument("--out_dir", required=True, help="output root (gets '2018LA_Seg_Training Set/' and the lists)")
     split = p.add_mutually_exclusive_group()

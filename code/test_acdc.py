@@ -8,7 +8,6 @@ Jaccard, HD95 and ASD are computed per class (RV, Myo, LV) on the 3D stack and a
 Prints one line per volume and class, the per-class and overall mean and std, writes metrics.csv and
 summary.json (and png/<volume>.png, with --save_nii predictions/*.nii.gz) into the run folder or --out.
 """
-import argparse
 import time
 
 from utils.checkpoint import CheckpointError
@@ -18,13 +17,14 @@ from utils.evaluation import (EvaluationError, Table, add_eval_args, case_note, 
                               save_nii, save_overlay_png, write_results)
 from utils.metrics import METRICS, multiclass_metrics, summarize_multiclass
 from utils.paths import REPO_ROOT
+from utils.run import ArgumentParser
 
 CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
 CSV_COLUMNS = ["case", "class", *METRICS, "empty_pred", "empty_label", "both_empty"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_eval_args(p, n_dims=2)
     p.add_argument("--batch_slices", type=int, default=16, help="slices per forward pass")
     args = p.parse_args(argv)

@@ -6,7 +6,6 @@
 Prints one line per case and the mean and std, writes metrics.csv and summary.json (and png/<case>.png,
 with --save_nii predictions/*.nii.gz) into the run folder or --out. No post-processing unless --lcc.
 """
-import argparse
 import time
 
 import numpy as np
@@ -19,12 +18,13 @@ from utils.evaluation import (EvaluationError, Table, add_eval_args, case_note, 
 from utils.metrics import METRICS, binary_metrics, summarize
 from utils.paths import REPO_ROOT
 from utils.sliding_window import sliding_window_inference
+from utils.run import ArgumentParser
 
 CSV_COLUMNS = ["case", *METRICS, "empty_pred", "empty_label", "both_empty"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_eval_args(p, n_dims=3)
     p.add_argument("--stride_xy", type=int, default=18, help="window stride on the first two axes")
     p.add_argument("--stride_z", type=int, default=4, help="window stride on the third axis")

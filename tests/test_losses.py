@@ -180,7 +180,7 @@ def test_cutmix_mixes_image_and_every_teacher_target_by_the_same_box():
     box2 = sample_boxes(U, spatial, 1.0).numpy()
     assert box1.any() and box2.any()
     mix = lambda t, b: np.where(b, t[partner], t)
-    p_l, p_wn, p_ww, p_ws = out_a[:L], out_a[L:L + U], out_a[L + U:L + 2 * U], out_a[L + 2 * U:]
+    p_wn, p_ww, p_ws = out_a[L:L + U], out_a[L + U:L + 2 * U], out_a[L + 2 * U:]
     p_s1, p_s2, p_sw, p_ss = np.split(out_b, 4)
     def teacher(p):
         prob = np_softmax(p)
@@ -194,3 +194,25 @@ def test_cutmix_mixes_image_and_every_teacher_target_by_the_same_box():
     assert logs["loss_ip"].item() == pytest.approx(l_ip, rel=1e-5)
     assert logs["loss_tkd"].item() == pytest.approx(l_tkd, rel=1e-5)
     assert logs["loss_dkd"].item() == pytest.approx(l_dkd, rel=1e-5)
+
+
+def test_la_and_acdc_scripts_compute_the_same_algorithm():
+    """train_acdc.train_iteration is written out like train_la's: both give the same losses on a 2D,
+    4-class stub batch (with CutMix on), so the two copies cannot drift apart unnoticed."""
+    import train_acdc
+    rng = np.random.default_rng(11)
+    L, U, spatial = 2, 3, (8, 8)
+    out_a = torch.from_numpy(rng.normal(scale=2.0, size=(L + 3 * U, 4, *spatial)).astype(np.float32))
+    out_b = torch.from_numpy(rng.normal(scale=2.0, size=(4 * U, 4, *spatial)).astype(np.float32))
+    batch = {"x_l": torch.zeros(L, 1, *spatial), "y_l": torch.from_numpy(rng.integers(0, 4, size=(L, *spatial))),
+             "x_w": torch.zeros(U, 1, *spatial), "x_s1": torch.zeros(U, 1, *spatial),
+             "x_s2": torch.zeros(U, 1, *spatial)}
+    results = []
+    for module in (train_la, train_acdc):
+        net = StubNet(out_a.clone(), out_b.clone())
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        logs = module.train_iteration(net, opt, torch.amp.GradScaler("cpu", enabled=False), batch, 4,
+                                      make_args(cutmix_p=1.0, conf_thresh=0.5), torch.device("cpu"))
+        results.append({k: v.item() for k, v in logs.items()})
+    assert results[0] == results[1]
+    assert results[0]["loss_dkd"] > 0

@@ -292,6 +292,16 @@ def test_resume_warns_about_other_flags(acdc_root, acdc_reference):
     warnings = compare_resume_args(args, load_checkpoint(acdc_reference / "latest.pth"))
     assert any("--num_workers 3 (saved 0)" in w for w in warnings)
     assert any("--log_every 5 (saved 10)" in w for w in warnings)
+    # another intra-op thread count: allowed, with a warning that the sums will be ordered differently
+    from utils.run import load_resume
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ckpt = load_resume(args, torch.device("cpu"), 1)
+    finally:
+        torch.set_num_threads(before)
+    assert load_checkpoint(acdc_reference / "latest.pth")["num_threads"] == 1
+    assert any("2 intra-op CPU threads, the saved run used 1" in w for w in ckpt["resume_warnings"])
 
 
 def test_resume_refuses_another_number_of_processes(acdc_root, acdc_reference, tmp_path):
@@ -307,7 +317,7 @@ def test_resume_refuses_another_number_of_processes(acdc_root, acdc_reference, t
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_holds_what_resume_needs(acdc_reference):
     state = load_checkpoint(acdc_reference / "latest.pth")
-    assert {"model", "optimizer", "scaler", "iteration", "args", "task", "world_size"} <= set(state)
+    assert {"model", "optimizer", "scaler", "iteration", "args", "task", "world_size", "num_threads"} <= set(state)
     assert state["iteration"] == ACDC_ITERS and state["task"] == "acdc" and state["world_size"] == 1
     assert any(k.endswith("running_mean") for k in state["model"])  # buffers too
     assert state["optimizer"]["state"] and state["args"]["seed"] == 1337

@@ -4,8 +4,9 @@ A training checkpoint (``utils.run.save_run_checkpoint``) holds ``model`` (state
 batch-norm buffers), ``optimizer`` (state dict: moments / momentum buffers, step counts, param groups),
 ``scaler`` (GradScaler state; empty unless --amp fp16), ``iteration`` (number of completed iterations; the
 poly learning rate is a function of it, so there is no scheduler state), ``args`` (every flag of the run),
-``task`` and ``world_size``. No RNG state is stored: every random draw of iteration ``it`` is re-seeded from
-``(seed, it, rank)`` (DESIGN.md, docs/RELIABILITY.md).
+``task``, ``world_size`` and ``num_threads`` (intra-op CPU threads: float sums are ordered by them). No RNG
+state is stored: every random draw of iteration ``it`` is re-seeded from ``(seed, it, rank)`` (DESIGN.md,
+docs/RELIABILITY.md).
 
 Writes go to a temporary file in the same folder and are renamed into place (``os.replace`` is atomic on
 POSIX), so a kill at any moment leaves either the old file or the new one, never a truncated one; a
@@ -80,11 +81,11 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     if found:
         return f"it holds Python objects that a weights-only load refuses: {found.group(0)}"
     if head == _ZIP_MAGIC:
+        if isinstance(exc, pickle.UnpicklingError):
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            return f"a torch zip archive whose contents a weights-only load refuses: {first.split('. ')[0][:160]}"
         return f"a torch zip archive that is truncated or corrupt ({size} bytes)"
-    if isinstance(exc, pickle.UnpicklingError):
-        return f"neither a torch zip archive nor a weights-only pickle ({size} bytes)"
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first.split('. ')[0][:200]}"
+    return f"neither a torch zip archive nor a weights-only pickle ({size} bytes)"
 
 
 def load_checkpoint(path, map_location="cpu", require=("model",)) -> dict:

@@ -82,7 +82,9 @@ def add_common_args(p: argparse.ArgumentParser, *, labelnum, max_iterations, bat
 def validate_common_args(args, n_dims: int, need_iterations: bool = True):
     """Flag values that parse but make no sense: one message naming the flag."""
     def bad(flag, want):
-        raise SystemExit(f"error: {flag} {getattr(args, flag.lstrip('-'))}: expected {want}")
+        value = getattr(args, flag.lstrip("-"))
+        value = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        raise SystemExit(f"error: {flag} {value}: expected {want}")
     if len(args.patch_size) != n_dims or min(args.patch_size) < 1:
         bad("--patch_size", f"{n_dims} positive integers")
     if any(p % NETWORK_STRIDE for p in args.patch_size):
@@ -215,13 +217,21 @@ def write_config(run_dir: Path, args, extra: dict) -> None:
     (run_dir / name).write_text(json.dumps(cfg, indent=2, default=str) + "\n")
 
 
+class TqdmHandler(logging.Handler):
+    """Log lines to stderr through tqdm, so they do not land on the progress bar's line."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def get_logger(run_dir: Path, is_main: bool = True) -> logging.Logger:
     log = logging.getLogger("crossmatch")
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = TqdmHandler()
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if is_main:
@@ -272,6 +282,12 @@ def load_resume(args, device, world: int) -> dict:
                          f"{world}; the effective batch (processes x --batch_size) and the data order would change. "
                          f"Resume with {saved_world} process(es)")
     ckpt["resume_warnings"] = compare_resume_args(args, ckpt, path)
+    threads = ckpt.get("num_threads")
+    if device.type == "cpu" and threads is not None and int(threads) != torch.get_num_threads():
+        ckpt["resume_warnings"].append(
+            f"--resume: {torch.get_num_threads()} intra-op CPU threads, the saved run used {threads}: float sums are "
+            f"ordered differently, so the continuation is not bit-identical to an uninterrupted run "
+            f"(set OMP_NUM_THREADS={threads} for that)")
     return ckpt
 
 
@@ -361,8 +377,8 @@ def save_run_checkpoint(path, raw_model, optimizer, scaler, iteration, args):
         raise SystemExit(f"error: non-finite weights after iteration {iteration} ({len(bad)} tensors, e.g. "
                          f"{bad[0]}); not writing {path}, the last good checkpoint is kept. Lower --base_lr?")
     save_checkpoint({"model": state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "iteration": iteration, "args": vars(args), "task": args.task, "world_size": world_size()},
-                    path)
+                     "iteration": iteration, "args": vars(args), "task": args.task, "world_size": world_size(),
+                     "num_threads": torch.get_num_threads()}, path)
 
 
 def checkpoint_step(done, args, raw_model, optimizer, scaler, run_dir, is_main, log) -> None:
