@@ -26,18 +26,20 @@ products (and their backward), nothing for element-wise ops or the optimizer.
 
 Peak memory: on CUDA torch.cuda.max_memory_allocated, reset before every iteration, max over the method's
 iterations. On CPU the process's peak resident set (VmHWM) during the method's warm-up iterations: before each
-of them free heap memory is handed back to the system (malloc_trim) and the high-water mark is reset
-(/proc/self/clear_refs), so the figure is the peak RSS of the whole process (interpreter, libraries, every
-method's model and host batch) while that method iterates, not an earlier method's. The timed iterations are
-left alone (a trim would make them fault their memory in again). With --isolate, or where the reset is not
-possible, it is the max RSS of a fresh process that ran only that method.
+of them freed heap memory is handed back to the system (glibc malloc_trim, or the purge of every arena when
+jemalloc is preloaded) and the high-water mark is reset (/proc/self/clear_refs), so the figure is the peak RSS
+of the whole process (interpreter, libraries, every method's model and host batch) while that method
+iterates, not an earlier method's. The timed iterations are left alone (a trim would make them fault their
+memory in again). With --isolate, or where the reset is not possible, it is the max RSS of a fresh process
+that ran only that method.
 
-CPU memory allocator (--malloc): glibc serves large blocks (above a threshold that is at most 32 MB) by mmap
-and unmaps them when they are freed, so every iteration faults its activation memory in again, page by page;
-that kernel time grows with the batch and is not small (see docs/PERFORMANCE.md). --malloc
-retain (glibc only) switches mmap off and never trims the heap (mallopt M_MMAP_MAX 0, M_TRIM_THRESHOLD max,
-the same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...): freed memory is reused by the next iteration.
-It is process-wide and not undone.
+CPU memory allocator: glibc serves large blocks (above a threshold of at most 32 MB) by mmap and unmaps them
+when they are freed, so every iteration faults its activation memory in again, page by page; that kernel
+time grows with the batch and is not small (docs/PERFORMANCE.md). Two ways around it, both outside the
+training code: preload jemalloc (LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1;
+the benchmark reports the allocator it runs on), or --malloc retain (glibc: mallopt M_MMAP_MAX 0 and
+M_TRIM_THRESHOLD max, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...; process-wide, not undone; it costs
+more memory through fragmentation than jemalloc).
 """
 import argparse
 import ctypes
@@ -141,6 +143,21 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} logical CPUs)"
 
 
+def cpu_allocator(malloc: str) -> str:
+    """The C allocator serving torch's CPU tensors: a preloaded jemalloc / tcmalloc / mimalloc, else glibc."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        maps = ""
+    for name in ("jemalloc", "tcmalloc", "mimalloc"):
+        if f"lib{name}" in maps:
+            return f"{name} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
+    tun = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+    return "glibc malloc" + (" + mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max) (--malloc retain)"
+                             if malloc == "retain" else "") + (f", environment {tun}" if tun else "")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -184,6 +201,20 @@ def retain_freed_memory() -> bool:
         return False
 
 
+def _release_free_memory_fn():
+    """A function handing freed heap memory back to the system: jemalloc's purge of every arena when jemalloc is
+    preloaded (it keeps freed pages otherwise), else glibc's malloc_trim(0); None if neither exists."""
+    try:
+        proc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if hasattr(proc, "mallctl"):   # jemalloc: "arena.<MALLCTL_ARENAS_ALL = 4096>.purge"
+        return lambda: proc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+    if hasattr(proc, "malloc_trim"):
+        return lambda: proc.malloc_trim(ctypes.c_size_t(0))
+    return None
+
+
 class MemoryMeter:
     """Peak memory of the iterations between start() and stop(), per method (see the module docstring)."""
 
@@ -195,16 +226,14 @@ class MemoryMeter:
         elif not fresh_process and _can_reset_hwm():
             self.kind = "hwm"
             self.how = ("CPU: peak resident set (VmHWM) of the whole process during the method's warm-up "
-                        "iterations; malloc_trim + /proc/self/clear_refs reset before each of them")
+                        "iterations; freed memory handed back (malloc_trim, or jemalloc's purge) and the high-water mark "
+                        "reset (/proc/self/clear_refs) before each of them")
         else:
             self.kind = "maxrss"
             self.how = "CPU: max resident set (ru_maxrss) of a fresh process that ran only this method"
-        self._libc = None
+        self._trim = None
         if self.kind == "hwm":
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                self._libc = None
+            self._trim = _release_free_memory_fn()
         self.peak = {}
         self.before = {}
 
@@ -213,8 +242,8 @@ class MemoryMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.before.setdefault(method, torch.cuda.memory_allocated(self.device) / 2 ** 20)
         elif self.kind == "hwm":
-            if self._libc is not None:
-                self._libc.malloc_trim(0)
+            if self._trim is not None:
+                self._trim()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             self.before.setdefault(method, _proc_status_mb("VmRSS"))
@@ -527,6 +556,8 @@ def summarise(results: dict) -> dict:
 def print_report(out: dict) -> None:
     print(f"device: {out['device']} ({out['device_name']}), torch {out['torch']}, threads {out['threads']}, "
           f"amp {out['flags']['amp']}, compile {out['flags']['compile']}")
+    if out["cpu_allocator"]:
+        print(f"CPU allocator: {out['cpu_allocator']}; load average at start {out['load_average']}")
     if "eval" in out:
         e = out["eval"]
         print(f"LA sliding-window evaluation, volume {'x'.join(map(str, e['volume_shape']))}, patch "
@@ -570,7 +601,9 @@ def _main(args, argv):
         raise SystemExit("error: --malloc retain: mallopt is not available (glibc only)")
     flags = {k: v for k, v in vars(args).items() if k != "_one"}
     out = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "flags": flags, "command": "python code/benchmark.py " + " ".join(argv)}
+           "threads": torch.get_num_threads(), "flags": flags,
+           "cpu_allocator": cpu_allocator(args.malloc) if device.type == "cpu" else None,
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "command": "python code/benchmark.py " + " ".join(argv)}
 
     if args.eval:
         out.update(task="la", mode="eval", eval=measure_eval(args, device))

@@ -144,3 +144,45 @@ def test_acdc_root_checks():
     val = check_acdc_root(root, "val.list")
     assert val["kind"] == "volumes" and val["n_cases"] == 20 and val["n_patients"] == 10
     assert len(val["class_fractions"]) == 4 and min(val["class_fractions"]) > 0
+
+
+def _run(script, *args):
+    import subprocess
+    import sys
+    cmd = [sys.executable, str(REPO / "code" / script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@needs_la
+def test_la_train_and_test_cli_on_real_cases(tmp_path):
+    """Two CrossMatch iterations on 4 real training cases (small patch), then test_la.py on a held-apart case."""
+    cases = read_list(Path(LA_ROOT) / "train.list")
+    (tmp_path / "train4.list").write_text("\n".join(cases[:4]) + "\n")
+    (tmp_path / "held1.list").write_text(cases[-1] + "\n")
+    r = _run("train_la.py", "--root_path", LA_ROOT, "--train_list", tmp_path / "train4.list", "--labelnum", 2,
+             "--max_iterations", 2, "--patch_size", 64, 64, 48, "--num_workers", 0, "--out_dir", tmp_path,
+             "--exp", "real", "--log_every", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run("test_la.py", "--run", tmp_path / "LA_real_2_labeled", "--root_path", LA_ROOT,
+             "--list", tmp_path / "held1.list", "--stride_xy", 48, "--stride_z", 40, "--sw_batch", 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "LA_real_2_labeled" / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and 0.0 <= summary["dice"] <= 1.0
+
+
+@needs_acdc
+def test_acdc_train_and_test_cli_on_real_slices(tmp_path):
+    """Two CrossMatch iterations on the first 40 real training slices (1 labeled patient = 32 slices), then
+    test_acdc.py on one validation volume."""
+    slices = read_list(Path(ACDC_ROOT) / "train_slices.list")[:40]
+    (tmp_path / "slices40.list").write_text("\n".join(slices) + "\n")
+    (tmp_path / "val1.list").write_text(read_list(Path(ACDC_ROOT) / "val.list")[0] + "\n")
+    r = _run("train_acdc.py", "--root_path", ACDC_ROOT, "--train_list", tmp_path / "slices40.list", "--labelnum", 1,
+             "--max_iterations", 2, "--patch_size", 64, 64, "--batch_size", 4, "--labeled_bs", 2,
+             "--num_workers", 0, "--out_dir", tmp_path, "--exp", "real", "--log_every", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run("test_acdc.py", "--run", tmp_path / "ACDC_real_1_labeled", "--root_path", ACDC_ROOT,
+             "--list", tmp_path / "val1.list", "--patch_size", 64, 64)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ACDC_real_1_labeled" / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and set(summary["per_class"]) == {"RV", "Myo", "LV"}
