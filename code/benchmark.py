@@ -542,9 +542,18 @@ def _ratio(num, den):
     return num / den if num is not None and den else None
 
 
+def _paired_median(results, num, den):
+    """Median over rounds of the per-round quotient (round i: the i-th timed iteration of each method, run
+    back to back when interleaved), the figure least moved by slow changes of background load."""
+    if num not in results or den not in results:
+        return None
+    return statistics.median(a / b for a, b in zip(results[num]["ms_all"], results[den]["ms_all"]))
+
+
 def summarise(results: dict) -> dict:
     r = lambda m, k: results.get(m, {}).get(k)   # noqa: E731
-    return {"ratio": _ratio(r("crossmatch", "ms_per_iter"), r("supervised", "ms_per_iter")),
+    return {"ratio_paired_median": _paired_median(results, "crossmatch", "supervised"),
+            "naive_vs_crossmatch_paired_median": _paired_median(results, "crossmatch_naive", "crossmatch"),"ratio": _ratio(r("crossmatch", "ms_per_iter"), r("supervised", "ms_per_iter")),
             "ratio_median": _ratio(r("crossmatch", "ms_median"), r("supervised", "ms_median")),
             "naive_vs_crossmatch": _ratio(r("crossmatch_naive", "ms_per_iter"), r("crossmatch", "ms_per_iter")),
             "naive_vs_crossmatch_median": _ratio(r("crossmatch_naive", "ms_median"), r("crossmatch", "ms_median")),
@@ -576,8 +585,8 @@ def print_report(out: dict) -> None:
     for m, v in out["results"].items():
         print(f"{m:<18}{v['ms_per_iter']:12.1f}{v['ms_std']:10.1f}{v['ms_median']:12.1f}"
               f"{v['gflops_per_iter']:11.1f}{v['params']:12,d}{v['peak_mem_mb']:10.0f}")
-    for k in ("ratio", "ratio_median", "naive_vs_crossmatch", "naive_vs_crossmatch_median", "flop_ratio",
-              "flop_ratio_naive_vs_crossmatch"):
+    for k in ("ratio", "ratio_median", "ratio_paired_median", "naive_vs_crossmatch", "naive_vs_crossmatch_median",
+              "naive_vs_crossmatch_paired_median", "flop_ratio", "flop_ratio_naive_vs_crossmatch"):
         if out[k] is not None:
             print(f"{k}: {out[k]:.3f}")
     print(f"peak memory: {out['peak_mem_method']}")
