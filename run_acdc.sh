@@ -25,7 +25,7 @@ if [[ ${1:-} == --demo ]]; then
   root=${DEMO_ROOT:-data/demo_ACDC}
   [[ -f $root/train_slices.list ]] || $PY code/make_synthetic.py --task acdc --out "$root" --n_train 20 --n_val 2 --n_test 4 --shape 8 64 64
   start=$(date +%s)
-  $PY code/train_acdc.py --root_path "$root" --exp demo --labelnum 3 --max_iterations 400 --base_lr 0.03 --patch_size 64 64 \
+  $PY code/train_acdc.py --root_path "$root" --exp demo --labelnum 3 --max_iterations 500 --base_lr 0.03 --patch_size 64 64 \
       --batch_size 8 --labeled_bs 4 --save_every 100 --log_every 10 --image_every 100 --overwrite "$@"
   $PY code/test_acdc.py --run "$(run_dir_for 3 --exp demo "$@")" --root_path "$root" --list test.list --patch_size 64 64
   echo "demo finished in $(( $(date +%s) - start )) s"

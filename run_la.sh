@@ -25,7 +25,7 @@ if [[ ${1:-} == --demo ]]; then
   root=${DEMO_ROOT:-data/demo_LA}
   [[ -f $root/train.list ]] || $PY code/make_synthetic.py --task la --out "$root" --n_train 20 --n_test 4 --shape 48 48 40
   start=$(date +%s)
-  $PY code/train_la.py --root_path "$root" --exp demo --labelnum 4 --max_iterations 120 --patch_size 32 32 32 \
+  $PY code/train_la.py --root_path "$root" --exp demo --labelnum 4 --max_iterations 250 --patch_size 32 32 32 \
       --base_lr 3e-3 --save_every 100 --log_every 10 --image_every 100 --overwrite "$@"
   $PY code/test_la.py --run "$(run_dir_for 4 --exp demo "$@")" --root_path "$root" --list test.list \
       --patch_size 32 32 32 --stride_xy 16 --stride_z 8 --sw_batch 4
