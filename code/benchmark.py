@@ -35,7 +35,7 @@ that ran only that method.
 
 CPU memory allocator: glibc serves large blocks (above a threshold of at most 32 MB) by mmap and unmaps them
 when they are freed, so every iteration faults its activation memory in again, page by page; that kernel
-time grows with the batch and is not small (docs/PERFORMANCE.md). Two ways around it, both outside the
+time grows with the batch and is not small (README, "Performance"). Two ways around it, both outside the
 training code: preload jemalloc (LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1;
 the benchmark reports the allocator it runs on), or --malloc retain (glibc: mallopt M_MMAP_MAX 0 and
 M_TRIM_THRESHOLD max, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...; process-wide, not undone; it costs
