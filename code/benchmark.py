@@ -33,16 +33,12 @@ iterates, not an earlier method's. The timed iterations are left alone (a trim w
 memory in again). With --isolate, or where the reset is not possible, it is the max RSS of a fresh process
 that ran only that method.
 
-CPU memory allocator: glibc serves large blocks (above a threshold of at most 32 MB) by mmap and unmaps them
-when they are freed, so every iteration faults its activation memory in again, page by page; that kernel
-time grows with the batch and is not small (README, "Performance"). Two ways around it, both outside the
-training code: preload jemalloc (LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1;
-the benchmark reports the allocator it runs on), or --malloc retain (glibc: mallopt M_MMAP_MAX 0 and
-M_TRIM_THRESHOLD max, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...; process-wide, not undone; it costs
-more memory through fragmentation than jemalloc).
+CPU memory allocator (--malloc, as in the training scripts; code/utils/allocator.py): by default the benchmark
+re-executes itself with jemalloc preloaded when the library is found, as the training scripts do; glibc
+would map every large block afresh each iteration (--malloc system measures that). The JSON and the report
+name the allocator the figures were measured on.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -59,6 +55,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from networks import build_model
+from utils.allocator import add_malloc_arg, release_free_memory_fn, use_allocator
 from utils.cutmix import partner_index, sample_boxes
 from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.run import ArgumentParser, AMP_DTYPES, autocast, memory_format, pick_device, poly_lr, prepare_model, set_lr
@@ -86,8 +83,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the network (naive: encode and decode)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     a("--seed", type=int, default=1337)
-    a("--malloc", choices=["default", "retain"], default="default",
-      help="CPU: retain = glibc keeps freed memory for reuse (no mmap, no trim); process-wide, see above")
+    add_malloc_arg(p)
     a("--isolate", action="store_true",
       help="each method in a fresh subprocess (peak memory = that process's max RSS) instead of one process "
            "with interleaved iterations")
@@ -143,21 +139,6 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} logical CPUs)"
 
 
-def cpu_allocator(malloc: str) -> str:
-    """The C allocator serving torch's CPU tensors: a preloaded jemalloc / tcmalloc / mimalloc, else glibc."""
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        maps = ""
-    for name in ("jemalloc", "tcmalloc", "mimalloc"):
-        if f"lib{name}" in maps:
-            return f"{name} (LD_PRELOAD={os.environ.get('LD_PRELOAD', '')}, MALLOC_CONF={os.environ.get('MALLOC_CONF', '')})"
-    tun = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
-    return "glibc malloc" + (" + mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=max) (--malloc retain)"
-                             if malloc == "retain" else "") + (f", environment {tun}" if tun else "")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -189,32 +170,6 @@ def _can_reset_hwm() -> bool:
         return False
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc mallopt parameters
-
-
-def retain_freed_memory() -> bool:
-    """glibc: serve large blocks from the heap (no mmap) and never give the heap back; True if it took."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
-    except (OSError, AttributeError):
-        return False
-
-
-def _release_free_memory_fn():
-    """A function handing freed heap memory back to the system: jemalloc's purge of every arena when jemalloc is
-    preloaded (it keeps freed pages otherwise), else glibc's malloc_trim(0); None if neither exists."""
-    try:
-        proc = ctypes.CDLL(None)
-    except OSError:
-        return None
-    if hasattr(proc, "mallctl"):   # jemalloc: "arena.<MALLCTL_ARENAS_ALL = 4096>.purge"
-        return lambda: proc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
-    if hasattr(proc, "malloc_trim"):
-        return lambda: proc.malloc_trim(ctypes.c_size_t(0))
-    return None
-
-
 class MemoryMeter:
     """Peak memory of the iterations between start() and stop(), per method (see the module docstring)."""
 
@@ -233,7 +188,7 @@ class MemoryMeter:
             self.how = "CPU: max resident set (ru_maxrss) of a fresh process that ran only this method"
         self._trim = None
         if self.kind == "hwm":
-            self._trim = _release_free_memory_fn()
+            self._trim = release_free_memory_fn()
         self.peak = {}
         self.before = {}
 
@@ -392,7 +347,7 @@ class Runner:
             self.step_fn = self.eager_fn = training_module(args.task).train_iteration
         self.it = 0
         self.times_ms = []
-        self.gflops = None
+        self.gflops = self.saved_mb = None
         self.last_logs = {}
 
     def _run(self, fn, model):
@@ -401,11 +356,22 @@ class Runner:
         return logs
 
     def flop_iteration(self):
-        """One eager iteration under FlopCounterMode (forward + backward + step); a warm-up iteration."""
-        with FlopCounterMode(display=False) as counter:
+        """One eager iteration under FlopCounterMode (forward + backward + step); a warm-up iteration. Also adds
+        up what autograd keeps for the backward pass (distinct storages, weights included): the activation
+        memory of the iteration whatever the device, all of it alive when the single backward starts."""
+        storages = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            storages[(str(st.device), st.data_ptr())] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                FlopCounterMode(display=False) as counter:
             self._run(self.eager_fn, self.raw)
         sync(self.device)
         self.gflops = counter.get_total_flops() / 1e9
+        self.saved_mb = sum(storages.values()) / 2 ** 20
 
     def warm_iteration(self):
         self._run(self.step_fn, self.model)
@@ -424,7 +390,7 @@ class Runner:
         return {"ms_per_iter": statistics.fmean(t), "ms_std": statistics.stdev(t) if len(t) > 1 else 0.0,
                 "ms_median": statistics.median(t), "ms_min": min(t), "ms_all": t,
                 "params": self.params, "gflops_per_iter": self.gflops,
-                "peak_mem_mb": meter.peak.get(self.method),
+                "peak_mem_mb": meter.peak.get(self.method), "saved_for_backward_mb": self.saved_mb,
                 "mem_at_start_mb": meter.before.get(self.method),
                 "last_losses": {k: float(v) for k, v in self.last_logs.items()}}
 
@@ -581,37 +547,40 @@ def print_report(out: dict) -> None:
           f"(crossmatch {f['labeled_bs']} labeled + {f['batch_size'] - f['labeled_bs']} unlabeled; supervised "
           f"{f['batch_size']} labeled), warm-up {f['warmup']}, timed {f['iters']}, "
           f"{'isolated processes' if f['isolate'] else 'one process, interleaved'}")
-    print(f"{'method':<18}{'ms/iter':>12}{'std':>10}{'median':>12}{'GFLOPs':>11}{'params':>12}{'peak MB':>10}")
+    print(f"{'method':<18}{'ms/iter':>12}{'std':>10}{'median':>12}{'GFLOPs':>11}{'params':>12}{'peak MB':>10}"
+          f"{'saved MB':>10}")
     for m, v in out["results"].items():
         print(f"{m:<18}{v['ms_per_iter']:12.1f}{v['ms_std']:10.1f}{v['ms_median']:12.1f}"
-              f"{v['gflops_per_iter']:11.1f}{v['params']:12,d}{v['peak_mem_mb']:10.0f}")
+              f"{v['gflops_per_iter']:11.1f}{v['params']:12,d}{v['peak_mem_mb']:10.0f}{v['saved_for_backward_mb']:10.0f}")
     for k in ("ratio", "ratio_median", "ratio_paired_median", "naive_vs_crossmatch", "naive_vs_crossmatch_median",
               "naive_vs_crossmatch_paired_median", "flop_ratio", "flop_ratio_naive_vs_crossmatch"):
         if out[k] is not None:
             print(f"{k}: {out[k]:.3f}")
     print(f"peak memory: {out['peak_mem_method']}")
+    print("saved MB: what autograd keeps for the backward pass (distinct storages, weights included), counted "
+          "in the first warm-up iteration")
 
 
 def main(argv=None):
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _main(args, argv)
+        return _main(args, argv, from_command_line)
     finally:   # main() may be called from another program (the tests): leave its thread count as it was
         torch.set_num_threads(threads_before)
 
 
-def _main(args, argv):
+def _main(args, argv, from_command_line=False):
     device = pick_device(args.device)
-    if args.malloc == "retain" and device.type == "cpu" and not retain_freed_memory():
-        raise SystemExit("error: --malloc retain: mallopt is not available (glibc only)")
+    allocator = use_allocator(args.malloc, device.type, may_reexec=from_command_line) if device.type == "cpu" else None
     flags = {k: v for k, v in vars(args).items() if k != "_one"}
     out = {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "flags": flags,
-           "cpu_allocator": cpu_allocator(args.malloc) if device.type == "cpu" else None,
+           "cpu_allocator": allocator,
            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "command": "python code/benchmark.py " + " ".join(argv)}
 
     if args.eval:

@@ -10,6 +10,7 @@ summary.json (and png/<volume>.png, with --save_nii predictions/*.nii.gz) into t
 """
 import time
 
+from utils.allocator import use_allocator
 from utils.checkpoint import CheckpointError
 from utils.checks import DataError
 from utils.data_acdc import acdc_volume_path, load_volume
@@ -17,7 +18,7 @@ from utils.evaluation import (EvaluationError, Table, add_eval_args, case_note, 
                               save_nii, save_overlay_png, write_results)
 from utils.metrics import METRICS, multiclass_metrics, summarize_multiclass
 from utils.paths import REPO_ROOT
-from utils.run import ArgumentParser
+from utils.run import ArgumentParser, pick_device
 
 CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
 CSV_COLUMNS = ["case", "class", *METRICS, "empty_pred", "empty_label", "both_empty"]
@@ -73,6 +74,7 @@ def evaluate(args) -> dict:
 def main(argv=None) -> dict:
     """Evaluate and return the summary dict; known problems end with one line naming the file."""
     args = parse_args(argv)
+    use_allocator(args.malloc, pick_device(args.device).type, may_reexec=argv is None)
     try:
         return evaluate(args)
     except (CheckpointError, DataError, EvaluationError) as e:

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from utils.allocator import use_allocator
 from utils.checkpoint import CheckpointError
 from utils.checks import DataError
 from utils.data_la import la_case_path, load_case
@@ -18,7 +19,7 @@ from utils.evaluation import (EvaluationError, Table, add_eval_args, case_note, 
 from utils.metrics import METRICS, binary_metrics, summarize
 from utils.paths import REPO_ROOT
 from utils.sliding_window import sliding_window_inference
-from utils.run import ArgumentParser
+from utils.run import ArgumentParser, pick_device
 
 CSV_COLUMNS = ["case", *METRICS, "empty_pred", "empty_label", "both_empty"]
 
@@ -70,6 +71,7 @@ def evaluate(args) -> dict:
 def main(argv=None) -> dict:
     """Evaluate and return the summary dict; known problems end with one line naming the file."""
     args = parse_args(argv)
+    use_allocator(args.malloc, pick_device(args.device).type, may_reexec=argv is None)
     try:
         return evaluate(args)
     except (CheckpointError, DataError, EvaluationError) as e:

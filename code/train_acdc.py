@@ -30,6 +30,7 @@ from utils.evaluation import predict_volume_slices
 from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.metrics import multiclass_metrics
 from utils.paths import resolve
+from utils import allocator
 from utils.run import (ArgumentParser, add_common_args, autocast, check_run_dir, checkpoint_step, compare_resume_args,
                        get_logger, load_resume, log_images, log_iteration, memory_format, poly_lr, prepare_model,
                        prepare_run_dir, resume_finished, run_dir_of, save_run_checkpoint, set_lr, setup_process,
@@ -145,7 +146,7 @@ def validate(model, root, names, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, local_rank, device = setup_process(args)
+    rank, world, local_rank, device = setup_process(args, from_command_line=argv is None)
     is_main = rank == 0
 
     # refusals first, before anything is written: an existing run folder, --resume flags, then the data
@@ -200,6 +201,8 @@ def main(argv=None):
                  f"unlabeled slices, {labeled_bs}+{unlabeled_bs} per batch x {world} process(es), "
                  f"{args.max_iterations} iterations (from {start}), device {device}, amp {args.amp}; "
                  f"run folder {run_dir}")
+        if device.type == "cpu":
+            log.info(f"CPU allocator: {allocator.applied()} (--malloc {args.malloc})")
         writer = SummaryWriter(str(run_dir))
     val_names = read_list(root / args.val_list) if args.val_every and is_main else []
 

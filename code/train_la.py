@@ -22,6 +22,7 @@ from utils.checkpoint import remove_stale_temp_files
 from utils.distributed import cleanup, dump_rank_state
 from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.paths import resolve
+from utils import allocator
 from utils.run import (ArgumentParser, add_common_args, autocast, check_run_dir, checkpoint_step, get_logger,
                        load_resume, log_images, log_iteration, memory_format, poly_lr, prepare_model, prepare_run_dir,
                        resume_finished, run_dir_of, save_run_checkpoint, set_lr, setup_process, validate_common_args,
@@ -122,7 +123,7 @@ def train_iteration(model, optimizer, scaler, batch, it, args, device, rank=0, w
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, local_rank, device = setup_process(args)
+    rank, world, local_rank, device = setup_process(args, from_command_line=argv is None)
     is_main = rank == 0
 
     # refusals first, before anything is written: an existing run folder, --resume flags, then the data
@@ -169,6 +170,8 @@ def main(argv=None):
         log.info(f"LA {args.method}: {args.labelnum} labeled / {n_unlabeled} unlabeled cases, "
                  f"{labeled_bs}+{unlabeled_bs} per batch x {world} process(es), iterations {start} -> "
                  f"{args.max_iterations}, device {device}, amp {args.amp}; run folder {run_dir}")
+        if device.type == "cpu":
+            log.info(f"CPU allocator: {allocator.applied()} (--malloc {args.malloc})")
         writer = SummaryWriter(str(run_dir))
 
     model.train()

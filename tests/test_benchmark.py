@@ -11,7 +11,7 @@ import benchmark
 # one thread: on a shared 2-core machine two OpenMP threads can wait on each other for seconds per iteration
 TINY = {"la": ["--patch_size", "32", "32", "16", "--threads", "1"],
         "acdc": ["--patch_size", "64", "64", "--batch_size", "4", "--labeled_bs", "2", "--threads", "1"]}
-RESULT_KEYS = {"ms_per_iter", "ms_std", "params", "gflops_per_iter", "peak_mem_mb"}
+RESULT_KEYS = {"ms_per_iter", "ms_std", "params", "gflops_per_iter", "peak_mem_mb", "saved_for_backward_mb"}
 PARAMS = {"la": 9_448_866, "acdc": 1_813_764}
 
 
@@ -37,6 +37,11 @@ def test_all_methods_tiny(task, tmp_path):
     # Algorithm 1 as printed encodes x_s2 twice: more FLOPs than the two-pass batching
     assert res["crossmatch_naive"]["gflops_per_iter"] > res["crossmatch"]["gflops_per_iter"]
     assert res["crossmatch"]["gflops_per_iter"] > res["supervised"]["gflops_per_iter"]
+    # and keeps more for the backward pass: without the weights (kept by every convolution), CrossMatch's
+    # activations are about three supervised batches' worth, the naive iteration's more
+    saved = {m: r["saved_for_backward_mb"] - 4 * r["params"] / 2 ** 20 for m, r in res.items()}
+    assert saved["crossmatch_naive"] > saved["crossmatch"] and saved["supervised"] > 0
+    assert 2.5 < saved["crossmatch"] / saved["supervised"] < 4.0
     assert data["ratio"] == pytest.approx(res["crossmatch"]["ms_per_iter"] / res["supervised"]["ms_per_iter"],
                                           rel=1e-12)
     assert data["naive_vs_crossmatch"] == pytest.approx(

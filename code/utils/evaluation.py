@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint
 from .data_la import read_list
 from .metrics import EMPTY_DISTANCE_OPTIONS, METRICS
 from .paths import resolve
+from .allocator import add_malloc_arg
 from .run import AMP_DTYPES, pick_device
 
 ITER_FILE = re.compile(r"iter_(\d+)\.pth")
@@ -123,6 +124,7 @@ def add_eval_args(p: argparse.ArgumentParser, n_dims: int) -> None:
     p.add_argument("--png", dest="png", action="store_true", default=True, help="write png/<case>.png (default)")
     p.add_argument("--no_png", dest="png", action="store_false", help="no PNG overlays")
     p.add_argument("--out", help="output folder (default: the run folder, or the checkpoint's folder)")
+    add_malloc_arg(p)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import add_malloc_arg
 from .paths import REPO_ROOT, resolve
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -23,7 +24,7 @@ METHOD_FLAGS = ("labelnum", "max_iterations", "epochs", "batch_size", "labeled_b
                 "momentum", "nesterov", "weight_decay", "poly_power", "patch_size", "conf_thresh", "eta",
                 "drop_weak", "drop_strong", "dropout_type", "cutmix_p", "unsup_loss", "method", "no_ip", "no_tkd",
                 "no_dkd", "seed", "amp", "sync_bn")
-IGNORED_ON_RESUME = ("resume", "overwrite", "exp", "out_dir", "task")
+IGNORED_ON_RESUME = ("resume", "overwrite", "exp", "out_dir", "task", "malloc")
 NETWORK_STRIDE = 16  # V-Net and U-Net halve the resolution 4 times: every patch axis must be a multiple of 16
 
 
@@ -68,6 +69,7 @@ def add_common_args(p: argparse.ArgumentParser, *, labelnum, max_iterations, bat
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", choices=list(AMP_DTYPES), default="none", help="autocast precision")
     a("--compile", action="store_true", help="torch.compile the network")
+    add_malloc_arg(p)
     a("--num_workers", type=int, default=2, help="data loader worker processes")
     a("--no_cache", action="store_true", help="read volumes from disk at every access instead of keeping them in memory")
     a("--save_every", type=int, default=save_every, help="write latest.pth every N iterations")
@@ -242,10 +244,13 @@ def get_logger(run_dir: Path, is_main: bool = True) -> logging.Logger:
 
 
 # ----------------------------------------------------------------------------- around the loop
-def setup_process(args):
-    """Process group (torchrun), device, seeds. Returns (rank, world, local_rank, device)."""
+def setup_process(args, from_command_line: bool = False):
+    """CPU allocator (may re-execute the script once, see utils/allocator.py), process group (torchrun), device,
+    seeds. Returns (rank, world, local_rank, device)."""
+    from .allocator import use_allocator
     from .distributed import init_distributed
     from .seeding import seed_everything
+    use_allocator(args.malloc, pick_device(args.device).type, may_reexec=from_command_line)
     rank, world, local_rank = init_distributed(args.device)
     device = pick_device(args.device)
     if device.type == "cuda" and world > 1:
