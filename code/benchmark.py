@@ -24,6 +24,12 @@ FLOPs: torch.utils.flop_counter.FlopCounterMode over the first warm-up iteration
 eager iteration, also with --compile). It counts 2 FLOPs per multiply-add of convolutions and matrix
 products (and their backward), nothing for element-wise ops or the optimizer.
 
+Tensor memory, on any device: "saved for backward" adds up the distinct storages autograd keeps for the
+backward pass of the first warm-up iteration (saved_tensors_hooks; all alive when the single backward
+starts); "peak of live tensors" follows every storage an operator returns until it is freed during the
+second warm-up iteration (TorchDispatchMode; weights, gradients, optimizer state and batch included): on a
+CPU the figure CUDA's max_memory_allocated would show, less allocator rounding and library workspaces.
+
 Peak memory: on CUDA torch.cuda.max_memory_allocated, reset before every iteration, max over the method's
 iterations. On CPU the process's peak resident set (VmHWM) during the method's warm-up iterations: before each
 of them freed heap memory is handed back to the system (glibc malloc_trim, or the purge of every arena when
@@ -48,10 +54,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from itertools import product
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from networks import build_model
@@ -73,7 +82,8 @@ def parse_args(argv=None):
     a("--task", choices=["la", "acdc"], default="la")
     a("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     a("--iters", type=int, default=5, help="timed iterations per method")
-    a("--warmup", type=int, default=2, help="untimed iterations per method first (the first one counts FLOPs)")
+    a("--warmup", type=int, default=2, help="untimed iterations per method first (the first counts FLOPs and saved "
+                                                    "bytes, the second the peak of live tensors)")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--patch_size", type=int, nargs="+", default=None, help="default: LA 112 112 80, ACDC 256 256")
     a("--batch_size", type=int, default=None, help="labeled + unlabeled per iteration (default: LA 4, ACDC 24); "
@@ -168,6 +178,40 @@ def _can_reset_hwm() -> bool:
         return _proc_status_mb("VmHWM") is not None
     except OSError:
         return False
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages while active: the storages of ``existing`` plus every storage an
+    operator returns, each counted until it is freed (a weak reference's callback). What
+    torch.cuda.max_memory_allocated would count, measured on any device (without allocator rounding and
+    library workspaces)."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+        for t in existing:
+            self._add(t)
+
+    def _add(self, t):
+        st = t.untyped_storage()
+        key, n = id(st), st.nbytes()
+        if key in self.live or n == 0:
+            return
+
+        def freed(_ref, key=key, n=n):
+            self.current -= n
+            self.live.pop(key, None)
+
+        self.live[key] = weakref.ref(st, freed)
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._add(t)
+        return out
 
 
 class MemoryMeter:
@@ -347,7 +391,7 @@ class Runner:
             self.step_fn = self.eager_fn = training_module(args.task).train_iteration
         self.it = 0
         self.times_ms = []
-        self.gflops = self.saved_mb = None
+        self.gflops = self.saved_mb = self.tensor_peak_mb = None
         self.last_logs = {}
 
     def _run(self, fn, model):
@@ -377,6 +421,16 @@ class Runner:
         self._run(self.step_fn, self.model)
         sync(self.device)
 
+    def tensor_peak_iteration(self):
+        """An eager warm-up iteration under TensorPeak, once the optimizer has its state: the peak of live
+        tensors, weights, gradients, optimizer state and host batch included."""
+        existing = [*self.raw.parameters(), *self.batch.values(),
+                    *(v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v))]
+        with TensorPeak(existing) as tracker:
+            self._run(self.eager_fn, self.raw)
+        sync(self.device)
+        self.tensor_peak_mb = tracker.peak / 2 ** 20
+
     def timed_iteration(self):
         sync(self.device)
         t0 = time.perf_counter()
@@ -391,6 +445,7 @@ class Runner:
                 "ms_median": statistics.median(t), "ms_min": min(t), "ms_all": t,
                 "params": self.params, "gflops_per_iter": self.gflops,
                 "peak_mem_mb": meter.peak.get(self.method), "saved_for_backward_mb": self.saved_mb,
+                "peak_tensor_mb": self.tensor_peak_mb,
                 "mem_at_start_mb": meter.before.get(self.method),
                 "last_losses": {k: float(v) for k, v in self.last_logs.items()}}
 
@@ -405,7 +460,12 @@ def measure_in_process(args, methods, device, fresh_process=False) -> tuple:
               file=sys.stderr, flush=True)
         for i in range(args.warmup):
             meter.start(m)
-            r.flop_iteration() if i == 0 else r.warm_iteration()
+            if i == 0:
+                r.flop_iteration()
+            elif i == 1:
+                r.tensor_peak_iteration()
+            else:
+                r.warm_iteration()
             meter.stop(m)
     for i in range(args.iters):
         order = methods[i % len(methods):] + methods[:i % len(methods)]
@@ -548,17 +608,19 @@ def print_report(out: dict) -> None:
           f"{f['batch_size']} labeled), warm-up {f['warmup']}, timed {f['iters']}, "
           f"{'isolated processes' if f['isolate'] else 'one process, interleaved'}")
     print(f"{'method':<18}{'ms/iter':>12}{'std':>10}{'median':>12}{'GFLOPs':>11}{'params':>12}{'peak MB':>10}"
-          f"{'saved MB':>10}")
+          f"{'saved MB':>10}{'tensors MB':>12}")
     for m, v in out["results"].items():
         print(f"{m:<18}{v['ms_per_iter']:12.1f}{v['ms_std']:10.1f}{v['ms_median']:12.1f}"
-              f"{v['gflops_per_iter']:11.1f}{v['params']:12,d}{v['peak_mem_mb']:10.0f}{v['saved_for_backward_mb']:10.0f}")
+              f"{v['gflops_per_iter']:11.1f}{v['params']:12,d}{v['peak_mem_mb']:10.0f}{v['saved_for_backward_mb']:10.0f}"
+              f"{v['peak_tensor_mb'] if v['peak_tensor_mb'] is not None else float('nan'):12.0f}")
     for k in ("ratio", "ratio_median", "ratio_paired_median", "naive_vs_crossmatch", "naive_vs_crossmatch_median",
               "naive_vs_crossmatch_paired_median", "flop_ratio", "flop_ratio_naive_vs_crossmatch"):
         if out[k] is not None:
             print(f"{k}: {out[k]:.3f}")
     print(f"peak memory: {out['peak_mem_method']}")
     print("saved MB: what autograd keeps for the backward pass (distinct storages, weights included), counted "
-          "in the first warm-up iteration")
+          "in the first warm-up iteration; tensors MB: peak of live tensors in the second (any device; what CUDA's "
+          "max_memory_allocated counts, less allocator rounding and library workspaces; needs --warmup 2)")
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ import benchmark
 # one thread: on a shared 2-core machine two OpenMP threads can wait on each other for seconds per iteration
 TINY = {"la": ["--patch_size", "32", "32", "16", "--threads", "1"],
         "acdc": ["--patch_size", "64", "64", "--batch_size", "4", "--labeled_bs", "2", "--threads", "1"]}
-RESULT_KEYS = {"ms_per_iter", "ms_std", "params", "gflops_per_iter", "peak_mem_mb", "saved_for_backward_mb"}
+RESULT_KEYS = {"ms_per_iter", "ms_std", "params", "gflops_per_iter", "peak_mem_mb", "saved_for_backward_mb",
+               "peak_tensor_mb"}
 PARAMS = {"la": 9_448_866, "acdc": 1_813_764}
 
 
@@ -19,14 +20,14 @@ PARAMS = {"la": 9_448_866, "acdc": 1_813_764}
 def test_all_methods_tiny(task, tmp_path):
     path = tmp_path / f"{task}.json"
     threads_before = torch.get_num_threads()
-    out = benchmark.main(["--task", task, *TINY[task], "--iters", "1", "--warmup", "1", "--device", "cpu",
+    out = benchmark.main(["--task", task, *TINY[task], "--iters", "1", "--warmup", "2", "--device", "cpu",
                           "--json", str(path)])
     data = json.loads(path.read_text())
     assert data["results"].keys() == set(benchmark.METHODS)
     for key in ("ratio", "naive_vs_crossmatch", "flop_ratio", "device_name", "torch", "threads", "flags",
                 "peak_mem_method", "time_method"):
         assert key in data, key
-    assert data["flags"]["task"] == task and data["flags"]["iters"] == 1 and data["flags"]["warmup"] == 1
+    assert data["flags"]["task"] == task and data["flags"]["iters"] == 1 and data["flags"]["warmup"] == 2
     for m, r in data["results"].items():
         assert RESULT_KEYS <= r.keys(), m
         assert r["ms_per_iter"] > 0 and r["gflops_per_iter"] > 0 and r["peak_mem_mb"] > 0
@@ -42,6 +43,12 @@ def test_all_methods_tiny(task, tmp_path):
     saved = {m: r["saved_for_backward_mb"] - 4 * r["params"] / 2 ** 20 for m, r in res.items()}
     assert saved["crossmatch_naive"] > saved["crossmatch"] and saved["supervised"] > 0
     assert 2.5 < saved["crossmatch"] / saved["supervised"] < 4.0
+    # the peak of live tensors holds at least what is saved for backward (weights included) plus the optimizer
+    # state, alive all along (two copies of the weights for AdamW, LA; one for SGD momentum, ACDC)
+    for m, r in res.items():
+        weights_mb = 4 * r["params"] / 2 ** 20
+        assert r["peak_tensor_mb"] >= r["saved_for_backward_mb"] + (1 if task == "acdc" else 2) * weights_mb, m
+    assert res["crossmatch"]["peak_tensor_mb"] > res["supervised"]["peak_tensor_mb"]
     assert data["ratio"] == pytest.approx(res["crossmatch"]["ms_per_iter"] / res["supervised"]["ms_per_iter"],
                                           rel=1e-12)
     assert data["naive_vs_crossmatch"] == pytest.approx(
@@ -98,3 +105,18 @@ def test_isolated_subprocess(tmp_path):
     assert "fresh process" in data["peak_mem_method"]
     r = json.loads(path.read_text())["results"]["supervised"]
     assert r["peak_mem_mb"] > 50 and r["params"] == PARAMS["acdc"]
+
+
+def test_tensor_peak_counts_live_storages_only():
+    mb = 2 ** 20
+    keep = torch.zeros(mb // 4)                      # 1 MiB, existing before
+    with benchmark.TensorPeak([keep, keep[:10]]) as tracker:   # a view shares the storage: counted once
+        a = torch.ones(mb // 4)                      # 2 MiB live
+        del a                                        # back to 1
+        b = torch.ones(mb // 2)                      # 2 MiB buffer: 3 live
+        c = b.view(2, -1)                            # a view: no new storage
+        del b, c                                     # back to 1
+        d = [torch.ones(mb // 4) for _ in range(3)]  # 4 live
+        del d
+    assert tracker.peak == 4 * mb
+    assert tracker.current == mb
