@@ -43,7 +43,7 @@ class _ReLUKeepMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         mask, = ctx.saved_tensors
-        return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        return torch.where(mask, grad, 0.0)
 
 
 class ReLUKeepMask(nn.Module):

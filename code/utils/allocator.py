@@ -3,8 +3,8 @@
 glibc serves every large block (above a threshold of at most 32 MB) by mmap and unmaps it when it is freed,
 so each training iteration on the CPU maps its activation memory afresh and the kernel zeroes it page by
 page. That system time grows with the memory an iteration touches, so it weighs more on CrossMatch (four
-decoder batches) than on a supervised step: ACDC 4.7x a supervised iteration with glibc against 2.9x with
-jemalloc, FLOP ratio 3.3 (docs/PERFORMANCE.md). An allocator that keeps freed memory for reuse avoids it:
+decoder batches) than on a supervised step: an ACDC CrossMatch iteration cost 4.96 supervised ones with
+glibc and 3.22 with jemalloc, FLOP ratio 3.28 (docs/PERFORMANCE.md). An allocator that keeps freed memory for reuse avoids it:
 
 - ``jemalloc``: the process re-executes itself once with ``LD_PRELOAD`` naming libjemalloc (it cannot be
   swapped in after start) and ``MALLOC_CONF`` keeping freed pages (dirty_decay_ms:-1, muzzy_decay_ms:-1);

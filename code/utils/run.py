@@ -250,9 +250,9 @@ def setup_process(args, from_command_line: bool = False):
     from .allocator import use_allocator
     from .distributed import init_distributed
     from .seeding import seed_everything
-    use_allocator(args.malloc, pick_device(args.device).type, may_reexec=from_command_line)
-    rank, world, local_rank = init_distributed(args.device)
     device = pick_device(args.device)
+    use_allocator(args.malloc, device.type, may_reexec=from_command_line)
+    rank, world, local_rank = init_distributed(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
     if args.sync_bn and world > 1 and device.type != "cuda":
