@@ -1,100 +1,66 @@
-"""Check an LA or ACDC data root and print a summary table.
+"""Check an LA or ACDC data root: every case of its lists read and checked as training and testing do.
 
     python code/check_data.py --task la   --root_path data/LA
     python code/check_data.py --task acdc --root_path data/ACDC --list train_slices.list val.list
 
-Without ``--list`` the task's training list is checked together with every other standard list present
-(LA: train.list, test.list; ACDC: train_slices.list, train.list, val.list, test.list). Exit code 0 when
-everything is fine, 1 with a one-line ``error: ...`` message on the first problem found.
+Without --list, every standard list present is checked (LA train.list, test.list; ACDC train_slices.list,
+val.list, test.list). ACDC slices are also compared with the volume they come from (slice k = volume[k - 1]).
+Exit 0 and a summary per list, or exit 1 with one line naming the first bad file.
+What no check can see: data that is wrong but plausible (a zeroed image, a label shifted by a few voxels).
 """
-from __future__ import annotations
-
 import sys
 import time
 
-from utils.checks import DataError, check_acdc_root, check_la_root
-from utils.paths import resolve
-from utils.run import ArgumentParser
+import numpy as np
 
-DEFAULT_ROOT = {"la": "data/LA", "acdc": "data/ACDC"}
-REQUIRED_LIST = {"la": "train.list", "acdc": "train_slices.list"}
-OPTIONAL_LISTS = {"la": ["test.list"], "acdc": ["train.list", "val.list", "test.list"]}
-CLASS_NAMES = {"la": ["bg", "LA"], "acdc": ["bg", "RV", "Myo", "LV"]}
+from utils import resolve
+from utils.data import DataError, find_list, load_case, read_list
+from utils.flags import ArgumentParser
 
-
-def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=["la", "acdc"], required=True)
-    p.add_argument("--root_path", default=None,
-                   help="data root (default data/LA or data/ACDC; relative paths are taken from the repo root)")
-    p.add_argument("--list", nargs="+", default=None,
-                   help="list file names (in the root) or paths; default: the standard lists present")
-    p.add_argument("--labelnum", type=int, default=None,
-                   help="labeled cases (LA) / labeled patients (ACDC) to validate against the first list")
-    p.add_argument("--patch_size", type=int, nargs="+", default=None,
-                   help="training patch to validate (LA 3 ints, ACDC 2 ints)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="read the arrays of only the first N entries of each list (metadata of all)")
-    return p.parse_args(argv)
+LISTS = {"la": ["train.list", "test.list"], "acdc": ["train_slices.list", "val.list", "test.list"]}
 
 
-def _fmt_shape(shape) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def format_table(task: str, infos: list[dict]) -> str:
-    names = CLASS_NAMES[task]
-    head = ["list", "kind", "cases", "read", "shape min", "shape max", "intensity min..max",
-            "mean min..max", "class fractions (" + "/".join(names) + ")", "no fg"]
-    rows = []
-    for info in infos:
-        fr = info.get("class_fractions")
-        rows.append([
-            info["list_name"], info["kind"], str(info["n_cases"]), str(info["n_read"]),
-            _fmt_shape(info["shape_min"]), _fmt_shape(info["shape_max"]),
-            f"{info['intensity_min']:.3g}..{info['intensity_max']:.3g}" if "intensity_min" in info else "-",
-            f"{info['mean_min']:.3g}..{info['mean_max']:.3g}" if "mean_min" in info else "-",
-            " ".join(f"{f:.4f}" for f in fr) if fr else "-",
-            str(info.get("n_without_foreground", "-")),
-        ])
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def check_list(task: str, root, list_name: str) -> dict:
+    """Read and check every case of one list; returns counts, shapes, intensity range and class fractions."""
+    names = read_list(find_list(root, list_name))
+    shapes, lo, hi, counts = [], np.inf, -np.inf, 0
+    volumes = {}
+    for name in names:
+        image, label = load_case(task, root, name)
+        if "_slice_" in name:  # an ACDC slice must equal its volume's slice k - 1
+            volume, k = name.rsplit("_slice_", 1)
+            if volume not in volumes:
+                volumes = {volume: load_case(task, root, volume)}
+            v_image, v_label = volumes[volume]
+            k = int(k)
+            if not (1 <= k <= len(v_image) and np.array_equal(image, v_image[k - 1]) and np.array_equal(label, v_label[k - 1])):
+                raise DataError(f"slice {name} does not equal slice {k - 1} of volume {volume} (expected a copy)")
+        shapes.append(image.shape)
+        lo, hi = min(lo, float(image.min())), max(hi, float(image.max()))
+        counts = counts + np.bincount(label.ravel().astype(np.intp), minlength=2 if task == "la" else 4)
+    return {"list": list_name, "cases": len(names), "shape_min": np.min(shapes, 0).tolist(),
+            "shape_max": np.max(shapes, 0).tolist(), "intensity": (lo, hi), "class_fractions": counts / counts.sum()}
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    root = resolve(args.root_path or DEFAULT_ROOT[args.task])
-    check = check_la_root if args.task == "la" else check_acdc_root
-    if args.list:
-        lists = list(args.list)
-    else:
-        lists = [REQUIRED_LIST[args.task]] + [n for n in OPTIONAL_LISTS[args.task] if (root / n).is_file()]
-    infos = []
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=["la", "acdc"], required=True)
+    p.add_argument("--root_path", help="data root (default data/LA or data/ACDC)")
+    p.add_argument("--list", nargs="+", help="list names in the root, or paths (default: the standard lists present)")
+    args = p.parse_args(argv)
+    root = resolve(args.root_path or f"data/{args.task.upper()}")
+    lists = args.list or [n for n in LISTS[args.task] if (root / n).is_file()] or LISTS[args.task][:1]
     t0 = time.perf_counter()
     try:
-        for i, name in enumerate(lists):
-            # labelnum and patch size are training flags: validate them against the first (training) list
-            info = check(root, name, labelnum=args.labelnum if i == 0 else None,
-                         patch_size=args.patch_size if i == 0 else None, cases_limit=args.limit)
-            info["list_name"] = name
-            infos.append(info)
+        infos = [check_list(args.task, root, name) for name in lists]
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.task.upper()} root {root}: {len(lists)} list(s) OK in {time.perf_counter() - t0:.1f} s")
-    print(format_table(args.task, infos))
-    first = infos[0]
-    if args.labelnum is not None:
-        if args.task == "la":
-            print(f"--labelnum {args.labelnum}: first {args.labelnum} cases of {lists[0]} labeled, "
-                  f"{first['n_cases'] - args.labelnum} unlabeled")
-        elif first.get("n_labeled") is not None:
-            print(f"--labelnum {args.labelnum}: first {first['n_labeled']} slices of {lists[0]} labeled, "
-                  f"{first['n_cases'] - first['n_labeled']} unlabeled")
-    for info in infos:
-        for w in info["warnings"]:
-            print(f"warning: {info['list_name']}: {w}")
+    for i in infos:
+        print(f"{i['list']:<18} {i['cases']:>5} cases  shape {'x'.join(map(str, i['shape_min']))} .. "
+              f"{'x'.join(map(str, i['shape_max']))}  intensity {i['intensity'][0]:.3g} .. {i['intensity'][1]:.3g}  "
+              f"class fractions {' '.join(f'{f:.4f}' for f in i['class_fractions'])}")
     return 0
 
 

@@ -5,9 +5,9 @@
 """
 import argparse
 
-from utils.paths import resolve
+from utils import resolve
+from utils.flags import ArgumentParser
 from utils.synthetic import make_acdc, make_la
-from utils.run import ArgumentParser
 
 
 def parse_args(argv=None):

@@ -1,19 +1,24 @@
-"""Bad input gives a non-zero exit and ONE message naming the file or flag and what was expected, before any
-data is loaded for training and before anything is written; a non-finite loss or non-finite weights stop
-training and keep the last good checkpoint; unreadable checkpoints give one line through every CLI.
+"""Bad input gives a non-zero exit and ONE message naming the file or flag and what was expected, before the
+training loop starts and before anything is written; a non-finite loss or non-finite weights stop training and keep
+the last good checkpoint; unreadable checkpoints and bad cases give one line through the evaluation CLIs too.
+
+Flags, lists, the run folder and latest.pth are refused before the training set is read; the cases themselves
+are read and checked once, when the training set is built, so bad case files are refused then (still before
+the training loop and before the run folder is written).
 
 Each case runs the real entry point, ``train_la.main([...])`` / ``train_acdc.main([...])`` (the function
 ``python code/train_*.py`` calls), in this process, catching SystemExit; two cases also run as real
 subprocesses to check the exit status and that stderr is a single line.
 
-    python tests/test_bad_input.py      # prints the table of inputs and messages (docs/RELIABILITY.md)
+    python tests/test_bad_input.py      # prints the table of inputs and messages
 """
 import os
 import shutil
 import subprocess
 import sys
 import time
-from contextlib import redirect_stderr
+from collections import namedtuple
+from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
 
@@ -30,9 +35,9 @@ import test_acdc  # noqa: E402  (code/test_acdc.py, the evaluation CLI)
 import test_la  # noqa: E402
 import train_acdc  # noqa: E402
 import train_la  # noqa: E402
+from networks import build_model  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from utils.data_acdc import acdc_slice_path  # noqa: E402
-from utils.data_la import la_case_path, read_list  # noqa: E402
+from utils.data import TrainSet, case_path, read_list  # noqa: E402
 from utils.synthetic import make_acdc, make_la  # noqa: E402
 
 SECONDS = 5.0  # every refusal must come within this (in practice well under one second)
@@ -60,11 +65,11 @@ def read(path: Path):
 
 
 def la_case(root: Path, i=1) -> Path:
-    return la_case_path(root, read_list(root / "train.list")[i])
+    return case_path("la", root, read_list(root / "train.list")[i])
 
 
 def acdc_slice(root: Path, i=40) -> Path:
-    return acdc_slice_path(root, read_list(root / "train_slices.list")[i])
+    return case_path("acdc", root, read_list(root / "train_slices.list")[i])
 
 
 # mutations of a fresh copy of a good root; each returns nothing
@@ -104,6 +109,15 @@ def not_h5(root):
     la_case(root).write_bytes(os.urandom(512))
 
 
+def empty_list(root):
+    (root / "train.list").write_text("\n\n")
+
+
+def repeated_entry(root):
+    names = read_list(root / "train.list")
+    (root / "train.list").write_text("\n".join(names + names[1:2]) + "\n")
+
+
 def acdc_label_7(root):
     image, label = read(acdc_slice(root))
     label[5, 5] = 7
@@ -120,6 +134,11 @@ def acdc_above_one(root):
     image, label = read(acdc_slice(root))
     image[1, 2] = 3.5
     rewrite(acdc_slice(root), image=image, label=label)
+
+
+def acdc_val_volume_missing(root):
+    with open(root / "val.list", "a") as f:
+        f.write("patient009_frame01\n")
 
 
 def on_runs(fn):
@@ -143,6 +162,11 @@ def latest_with(out, task, payload, exp="bad", labelnum=2):
         torch.save(payload, d / "latest.pth")
 
 
+def out_dir_a_file(out):
+    shutil.rmtree(out)
+    out.write_text("not a folder\n")
+
+
 class Opaque:  # an arbitrary Python object
     pass
 
@@ -153,63 +177,104 @@ ACDC = "train_acdc.py"
 LA_OK = ["--labelnum", "2", "--patch_size", "16", "16", "16", "--device", "cpu", "--num_workers", "0"]
 ACDC_OK = ["--labelnum", "1", "--patch_size", "32", "32", "--device", "cpu", "--num_workers", "0"]
 
-# (id, script, flags (after the good ones; {root}/{out} filled in), mutation of data or run folder,
-#  expected exit code, substrings the one message must hold)
+# name; script; flags after the good ones ({tmp} filled in); mutation of the data root or (on_runs) of --out_dir;
+# the expected exit code; substrings the one message must hold; data: refused while the training set reads its
+# cases (False: before the training set is built)
+Case = namedtuple("Case", "name script flags mutate code substrings data", defaults=(False,))
+CASE_FILE = "2018LA_Seg_Training Set/synla_001/mri_norm2.h5"
 CASES = [
-    ("missing root", LA, ["--root_path", "{tmp}/nowhere"], None, 1, ["LA root not found", "nowhere"]),
-    ("missing list", LA, ["--train_list", "nope.list"], None, 1, ["list file not found", "nope.list"]),
-    ("missing case file", LA, [], drop_case, 1, ["case file not found", "synla_001", "mri_norm2.h5"]),
-    ("case file not h5", LA, [], not_h5, 1, ["synla_001", "cannot open as h5"]),
-    ("h5 without label", LA, [], only_image, 1, ["synla_001", "no 'label' dataset"]),
-    ("image/label shape mismatch", LA, [], shape_mismatch, 1, ["synla_001", "image shape", "!= label shape"]),
-    ("label values outside the classes", LA, [], label_2, 1, ["synla_001", "label values [2]", "0..1"]),
-    ("NaN intensity", LA, [], nan_image, 1, ["synla_001", "non-finite values"]),
-    ("infinite intensity", LA, [], inf_image, 1, ["synla_001", "non-finite values"]),
-    ("--labelnum larger than the list", LA, ["--labelnum", "10"], None, 1,
-     ["--labelnum 10", "larger than the 4 cases", "train.list"]),
-    ("--optimizer adam", LA, ["--optimizer", "adam"], None, 2,
-     ["train_la.py: error: argument --optimizer", "invalid choice: 'adam'", "adamw"]),
-    ("--amp fp8", LA, ["--amp", "fp8"], None, 2, ["--amp", "invalid choice: 'fp8'", "bf16"]),
-    ("--patch_size 112 112 (LA)", LA, ["--patch_size", "112", "112"], None, 1,
-     ["--patch_size 112 112", "3 positive"]),
-    ("--patch_size 40 40 20", LA, ["--patch_size", "40", "40", "20"], None, 1, ["--patch_size", "multiples of 16"]),
-    ("--labeled_bs >= --batch_size", LA, ["--batch_size", "4", "--labeled_bs", "4"], None, 1,
-     ["--labeled_bs 4", "between 1 and --batch_size - 1 = 3"]),
-    ("--max_iterations 0", LA, ["--max_iterations", "0"], None, 1, ["--max_iterations 0", "at least 1"]),
-    ("--num_workers -1", LA, ["--num_workers", "-1"], None, 1, ["--num_workers -1", "0 or more"]),
-    ("--base_lr 0", LA, ["--base_lr", "0"], None, 1, ["--base_lr 0.0", "positive"]),
-    ("--device tpu", LA, ["--device", "tpu"], None, 1, ["--device tpu", "expected auto, cpu, cuda or cuda:N"]),
-    ("--batch_size abc", LA, ["--batch_size", "abc"], None, 2, ["--batch_size", "invalid int value: 'abc'"]),
-    ("--resume --overwrite", LA, ["--resume", "--overwrite"], None, 1, ["--resume and --overwrite"]),
-    ("run folder already holds a run", LA, [], on_runs(lambda out: existing_run(out, "LA")), 1,
-     ["LA_bad_2_labeled", "already holds a run", "--resume", "--overwrite"]),
-    ("--resume with nothing to resume", LA, ["--resume"], None, 1, ["--resume", "latest.pth does not exist"]),
-    ("--resume, latest.pth random bytes", LA, ["--resume"], on_runs(lambda out: latest_with(out, "LA", os.urandom(4096))), 1,
-     ["latest.pth", "cannot be read", "neither a torch zip archive nor a weights-only pickle"]),
-    ("--resume, latest.pth truncated", LA, ["--resume"],
-     on_runs(lambda out: latest_with(out, "LA", TRUNCATED)), 1, ["latest.pth", "truncated or corrupt"]),
-    ("--resume, latest.pth a pickled object", LA, ["--resume"],
-     on_runs(lambda out: latest_with(out, "LA", {"model": Opaque()})), 1, ["latest.pth", "Unsupported global", "Opaque"]),
-    ("--resume, latest.pth without 'model'", LA, ["--resume"],
-     on_runs(lambda out: latest_with(out, "LA", {"weights": torch.zeros(2)})), 1, ["latest.pth", "no 'model'"]),
-    ("--resume, latest.pth without optimizer", LA, ["--resume"],
-     on_runs(lambda out: latest_with(out, "LA", {"model": {"w": torch.zeros(2)}, "iteration": 3})), 1,
-     ["latest.pth", "no 'optimizer', 'scaler', 'args' entry"]),
-    ("ACDC --labelnum 5", ACDC, ["--labelnum", "5"], None, 1, ["--labelnum 5", "allowed: 1, 3, 7, 14"]),
-    ("ACDC --labelnum 3 beyond the slice list", ACDC, ["--labelnum", "3"], None, 1,
-     ["--labelnum 3", "first 68 slices", "has only 64"]),
-    ("ACDC --patch_size 256", ACDC, ["--patch_size", "256"], None, 1, ["--patch_size 256", "2 positive"]),
-    ("ACDC missing root", ACDC, ["--root_path", "{tmp}/nowhere"], None, 1, ["ACDC root not found", "nowhere"]),
-    ("ACDC label values outside the classes", ACDC, [], acdc_label_7, 1, ["_slice_", "label values [7]", "0..3"]),
-    ("ACDC NaN intensity", ACDC, [], acdc_nan, 1, ["_slice_", "non-finite values"]),
-    ("ACDC intensity above 1", ACDC, [], acdc_above_one, 1, ["_slice_", "expected within [0, 1]"]),
-    ("ACDC --val_every with a missing val list", ACDC, ["--val_every", "5", "--val_list", "nope.list"], None, 1,
-     ["list file not found", "nope.list"]),
+    Case("missing root", LA, ["--root_path", "{tmp}/nowhere"], None, 1, ["data root", "nowhere", "no such folder"]),
+    Case("missing list", LA, ["--train_list", "nope.list"], None, 1, ["list nope.list", "LA/nope.list", "exists"]),
+    Case("empty list", LA, [], empty_list, 1, ["train.list", "empty (expected one entry per line)"]),
+    Case("list with a repeated entry", LA, [], repeated_entry, 1,
+         ["train.list", "'synla_001' appears more than once"]),
+    Case("missing case file", LA, [], drop_case, 1, ["case file not found", CASE_FILE], True),
+    Case("case file not h5", LA, [], not_h5, 1, [CASE_FILE, "unreadable h5 file"], True),
+    Case("h5 without label", LA, [], only_image, 1, [CASE_FILE, "no 'label' dataset", "found ['image']"], True),
+    Case("image/label shape mismatch", LA, [], shape_mismatch, 1,
+         [CASE_FILE, "image (20, 20, 16) and label (20, 20, 14)", "expected two equal 3D shapes"], True),
+    Case("label values outside the classes", LA, [], label_2, 1, [CASE_FILE, "label values [2]", "0..1"], True),
+    Case("NaN intensity", LA, [], nan_image, 1, [CASE_FILE, "1 non-finite values"], True),
+    Case("infinite intensity", LA, [], inf_image, 1, [CASE_FILE, "1 non-finite values"], True),
+    Case("--labelnum larger than the list", LA, ["--labelnum", "10"], None, 1,
+         ["--labelnum 10", "larger than the 4 cases", "train.list"]),
+    Case("--labelnum equal to the list, CrossMatch", LA, ["--labelnum", "4"], None, 1,
+         ["--labelnum 4", "no unlabeled case", "--method supervised"]),
+    Case("--labelnum 0", LA, ["--labelnum", "0"], None, 2, ["argument --labelnum: 0: expected at least 1"]),
+    Case("--optimizer adam", LA, ["--optimizer", "adam"], None, 2,
+         ["train_la.py: error: argument --optimizer", "invalid choice: 'adam'", "adamw"]),
+    Case("--amp fp8", LA, ["--amp", "fp8"], None, 2,
+         ["--amp", "invalid choice: 'fp8'", "(choose from 'none', 'bf16')"]),
+    Case("--patch_size 112 112 (LA)", LA, ["--patch_size", "112", "112"], None, 2,
+         ["argument --patch_size: 112 112: expected 3 multiples of 16"]),
+    Case("--patch_size 40 40 20", LA, ["--patch_size", "40", "40", "20"], None, 2,
+         ["argument --patch_size: 40 40 20", "multiples of 16"]),
+    Case("--labeled_bs >= --batch_size", LA, ["--batch_size", "4", "--labeled_bs", "4"], None, 2,
+         ["argument --labeled_bs: 4", "between 1 and --batch_size - 1 = 3"]),
+    Case("--max_iterations 0", LA, ["--max_iterations", "0"], None, 2, ["argument --max_iterations: 0", "at least 1"]),
+    Case("--num_workers -1", LA, ["--num_workers", "-1"], None, 2, ["argument --num_workers: -1: expected"]),
+    Case("--base_lr 0", LA, ["--base_lr", "0"], None, 2, ["argument --base_lr: 0.0", "positive"]),
+    Case("--conf_thresh 1.5", LA, ["--conf_thresh", "1.5"], None, 2, ["argument --conf_thresh: 1.5", "[0, 1]"]),
+    Case("--drop_strong 1", LA, ["--drop_strong", "1"], None, 2, ["argument --drop_strong: 1.0", "[0, 1)"]),
+    Case("--device tpu", LA, ["--device", "tpu"], None, 1, ["--device tpu", "expected auto, cpu, cuda or cuda:N"]),
+    Case("--batch_size abc", LA, ["--batch_size", "abc"], None, 2, ["--batch_size", "invalid int value: 'abc'"]),
+    Case("--resume --overwrite", LA, ["--resume", "--overwrite"], None, 2, ["--resume and --overwrite"]),
+    Case("--out_dir is a file", LA, [], on_runs(out_dir_a_file), 1, ["--out_dir", "runs", "a file, expected a folder"]),
+    Case("run folder already holds a run", LA, [], on_runs(lambda out: existing_run(out, "LA")), 1,
+         ["LA_bad_2_labeled", "already holds a run", "--resume", "--overwrite"]),
+    Case("--resume with nothing to resume", LA, ["--resume"], None, 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth does not exist"]),
+    Case("--resume, latest.pth random bytes", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", os.urandom(4096))), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (neither a torch zip archive"]),
+    Case("--resume, latest.pth empty", LA, ["--resume"], on_runs(lambda out: latest_with(out, "LA", b"")), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (empty file)"]),
+    Case("--resume, latest.pth truncated", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", TRUNCATED)), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (a torch zip archive that is truncated"]),
+    Case("--resume, latest.pth a pickled object", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", {"model": Opaque()})), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read", "Unsupported global"]),
+    Case("--resume, latest.pth of another network", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", {"model": {"w": torch.zeros(2)}, "optimizer": {}, "iteration": 1,
+                                                     "args": {}})), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "flags that change the method differ"]),
+    Case("--resume, latest.pth not a dict", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", [torch.zeros(2)])), 1,
+         ["LA_bad_2_labeled/latest.pth", "holds list", "expected a dict"]),
+    Case("--resume, latest.pth without 'model'", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", {"weights": torch.zeros(2)})), 1,
+         ["LA_bad_2_labeled/latest.pth", "holds ['weights']", "'model'"]),
+    Case("--resume, latest.pth without optimizer", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", {"model": {"w": torch.zeros(2)}, "iteration": 3})), 1,
+         ["LA_bad_2_labeled/latest.pth", "holds ['iteration', 'model']",
+          "expected a dict with the keys ['model', 'optimizer', 'iteration', 'args']"]),
+    Case("ACDC --labelnum 5", ACDC, ["--labelnum", "5"], None, 1, ["--labelnum 5", "expected one of 1, 3, 7, 14"]),
+    Case("ACDC --labelnum 3 beyond the slice list", ACDC, ["--labelnum", "3"], None, 1,
+         ["--labelnum 3", "first 68 slices", "train_slices.list has 64"]),
+    Case("ACDC --patch_size 256", ACDC, ["--patch_size", "256"], None, 2,
+         ["argument --patch_size: 256: expected 2 multiples of 16"]),
+    Case("ACDC missing root", ACDC, ["--root_path", "{tmp}/nowhere"], None, 1,
+         ["data root", "nowhere", "no such folder"]),
+    Case("ACDC label values outside the classes", ACDC, [], acdc_label_7, 1,
+         ["data/slices/patient002_frame01_slice_9.h5", "label values [7]", "0..3"], True),
+    Case("ACDC NaN intensity", ACDC, [], acdc_nan, 1, ["_slice_9.h5", "1 non-finite values"], True),
+    Case("ACDC intensity above 1", ACDC, [], acdc_above_one, 1, ["_slice_9.h5", "[0, 3.5]", "expected [0, 1]"], True),
+    Case("ACDC --val_every with a missing val list", ACDC, ["--val_every", "5", "--val_list", "nope.list"], None, 1,
+         ["list nope.list", "exists"]),
+    Case("ACDC --val_every, a val volume missing", ACDC, ["--val_every", "5"], acdc_val_volume_missing, 1,
+         ["case file not found", "data/patient009_frame01.h5"], True),
 ]
 if not HAS_CUDA:
-    CASES.append(("--device cuda without CUDA", LA, ["--device", "cuda"], None, 1,
-                  ["--device cuda", "CUDA is not available"]))
+    CASES.append(Case("--device cuda without CUDA", LA, ["--device", "cuda"], None, 1,
+                      ["--device cuda", "CUDA is not available"]))
 TRUNCATED = b""  # filled in by the fixture (half of a real checkpoint)
+
+
+def make_truncated(base: Path) -> bytes:
+    buf = base / "full.pth"
+    save_checkpoint({"model": {"w": torch.randn(4096)}, "optimizer": {}, "iteration": 1, "args": {}}, buf)
+    return buf.read_bytes()[: buf.stat().st_size // 2]
 
 
 @pytest.fixture(scope="module")
@@ -217,38 +282,41 @@ def masters(tmp_path_factory):
     global TRUNCATED
     base = tmp_path_factory.mktemp("bad_masters")
     la, acdc = build_roots(base)
-    buf = base / "full.pth"
-    save_checkpoint({"model": {"w": torch.randn(4096)}, "optimizer": {}, "scaler": {}, "iteration": 1, "args": {}}, buf)
-    TRUNCATED = buf.read_bytes()[: buf.stat().st_size // 2]
+    TRUNCATED = make_truncated(base)
     return la, acdc
 
 
-class DataLoadReached(AssertionError):
+class TooLate(AssertionError):
     pass
 
 
-def run_case(case, la_master, acdc_master, tmp: Path):
-    """Run one case on fresh copies; returns (exit code, the message, seconds, files written under out)."""
-    name, script, flags, mutate, _, _ = case
-    task_root = la_master if script == LA else acdc_master
+def run_case(case: Case, la_master, acdc_master, tmp: Path):
+    """Run one case on fresh copies; returns (exit code, the message, seconds, files written under out).
+    Raises TooLate when the run reaches the training loop (wrap_model, after the data is loaded), or (a case that is not about the case files)
+    the training set."""
+    task_root = la_master if case.script == LA else acdc_master
     root = shutil.copytree(task_root, tmp / task_root.name)
     out = tmp / "runs"
     out.mkdir()
-    if mutate is not None:
-        mutate(out if getattr(mutate, "on_runs", False) else root)
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    good = LA_OK if script == LA else ACDC_OK
+    if case.mutate is not None:
+        case.mutate(out if getattr(case.mutate, "on_runs", False) else root)
+    before = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else []
+    good = LA_OK if case.script == LA else ACDC_OK
     argv = ["--root_path", str(root), "--out_dir", str(out), "--exp", "bad", *good,
-            *[f.format(tmp=tmp) for f in flags]]
-    module = train_la if script == LA else train_acdc
+            *[f.format(tmp=tmp) for f in case.flags]]
+    module = train_la if case.script == LA else train_acdc
 
-    def reached(*a, **k):
-        raise DataLoadReached(f"{name}: training data or model construction reached; the check came too late")
-    saved = {attr: getattr(module, attr) for attr in ("LADataset", "ACDCSlices", "build_model") if hasattr(module, attr)}
+    def too_late(what):
+        def reached(*a, **k):
+            raise TooLate(f"{case.name}: {what} reached; the check came too late")
+        return reached
+    saved = {"wrap_model": module.wrap_model}
+    if not case.data:
+        saved["TrainSet"] = module.TrainSet
     for attr in saved:
-        setattr(module, attr, reached)
+        setattr(module, attr, too_late("the training set" if attr == "TrainSet" else "the training loop"))
     err = StringIO()
-    argv0, sys.argv[0] = sys.argv[0], str(CODE / script)  # argparse names the program after it
+    argv0, sys.argv[0] = sys.argv[0], str(CODE / case.script)  # argparse names the program after it
     t0 = time.perf_counter()
     try:
         with redirect_stderr(err):
@@ -264,29 +332,46 @@ def run_case(case, la_master, acdc_master, tmp: Path):
         for attr, value in saved.items():
             setattr(module, attr, value)
     seconds = time.perf_counter() - t0
-    after = sorted(p.relative_to(out) for p in out.rglob("*"))
+    after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else []
     return code, message, seconds, [str(p) for p in after if p not in before]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_is_refused_with_one_message(case, masters, tmp_path):
-    name, script, flags, _, want_code, substrings = case
     code, message, seconds, written = run_case(case, *masters, tmp_path)
-    assert code == want_code, f"{name}: exit {code}, message {message!r}"
-    assert "\n" not in message, f"{name}: more than one line:\n{message}"
-    assert "error" in message
-    for s in substrings:
-        assert s in message, f"{name}: {s!r} not in {message!r}"
-    assert seconds < SECONDS, f"{name}: took {seconds:.1f} s"
-    assert not written, f"{name}: wrote {written}"
+    assert code == case.code, f"{case.name}: exit {code}, message {message!r}"
+    assert "\n" not in message, f"{case.name}: more than one line:\n{message}"
+    assert message.startswith(f"{case.script}: error: " if code == 2 else "error: "), message
+    for s in case.substrings:
+        assert s in message, f"{case.name}: {s!r} not in {message!r}"
+    assert seconds < SECONDS, f"{case.name}: took {seconds:.1f} s"
+    assert not written, f"{case.name}: wrote {written}"
+
+
+def test_the_good_flags_reach_the_model(masters, tmp_path):
+    """The harness is not vacuous: with good data and flags both scripts read the training set and get as far as
+    building the model (where run_case stops them)."""
+    for i, script in enumerate((LA, ACDC)):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(TooLate, match="the training loop"):
+            run_case(Case("good", script, [], None, 0, [], True), *masters, tmp_path / str(i))
+        with pytest.raises(TooLate, match="the training set"):
+            run_case(Case("good", script, [], None, 0, []), *masters, tmp_path / str(i) / "again")
 
 
 def test_patch_larger_than_a_volume_is_padded_not_refused(masters, tmp_path):
-    """LA crops zero-pad every axis (as UA-MT), so no patch is too large for a volume: a warning, no error.
-    (ACDC slices are zoomed to the patch.) The run reaches the data load."""
-    case = ("patch larger than the volumes", LA, ["--patch_size", "32", "32", "32"], None, 0, [])
-    with pytest.raises(DataLoadReached):
+    """LA crops zero-pad every axis (as UA-MT), so no patch is too large for a volume: no error, the run reaches
+    the training loop, and the training set yields patches of the full size. (ACDC slices are zoomed to
+    the patch.)"""
+    la, _ = masters
+    case = Case("patch larger than the volumes", LA, ["--patch_size", "32", "32", "32"], None, 0, [], True)
+    with pytest.raises(TooLate, match="the training loop"):
         run_case(case, *masters, tmp_path)
+    names = read_list(la / "train.list")
+    ds = TrainSet("la", la, names, 2, (32, 32, 32))
+    labeled, unlabeled = ds[(0, 1)], ds[(3, 2)]
+    assert labeled["image"].shape == (1, 32, 32, 32) and labeled["label"].shape == (32, 32, 32)
+    assert all(unlabeled[k].shape == (1, 32, 32, 32) for k in ("image_w", "image_s1", "image_s2"))
 
 
 # ------------------------------------------------------------------------------------------------ real CLI
@@ -313,25 +398,79 @@ def test_real_cli_exit_status_and_a_single_stderr_line(masters, tmp_path):
     assert err.startswith("error: ") and "synla_001" in err and "non-finite values" in err
     code, err, _ = results["test"]
     assert code == 1 and err.strip().count("\n") == 0, err
-    assert err.startswith("error: checkpoint ") and "junk.pth: cannot be read" in err
+    assert err.startswith(f"error: checkpoint {junk}: cannot be read")
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("script, payload, expected", [
-    (test_la, b"random", "cannot be read (neither a torch zip archive nor a weights-only pickle"),
-    (test_acdc, {"weights": torch.zeros(1)}, "no 'model' entry"),
-    (test_acdc, {"model": Opaque()}, "Unsupported global"),
+    (test_la, b"random", "cannot be read ("),
+    (test_la, b"", "cannot be read (empty file)"),
+    (test_acdc, {"weights": torch.zeros(1)}, "holds ['weights'], expected a dict with the keys ['model']"),
+    (test_acdc, {"model": Opaque()}, "cannot be read ("),
+    (test_acdc, {"model": {"w": torch.zeros(1)}, "args": {"patch_size": [32, 32]}}, "its weights do not fit the UNet"),
+    (test_acdc, {"model": {"w": torch.zeros(1)}}, "no patch_size in its training flags; pass --patch_size"),
 ])
-def test_evaluation_cli_turns_bad_checkpoints_into_one_line(script, payload, expected, tmp_path):
+def test_evaluation_cli_turns_bad_checkpoints_into_one_line(script, payload, expected, masters, tmp_path):
     ckpt = tmp_path / "iter_1.pth"
     if isinstance(payload, bytes):
         ckpt.write_bytes(payload)
     else:
         torch.save(payload, ckpt)
+    root, list_name = (masters[0], "train.list") if script is test_la else (masters[1], "val.list")
     with pytest.raises(SystemExit) as e:
-        script.main(["--ckpt", str(ckpt), "--root_path", str(tmp_path)])
+        script.main(["--ckpt", str(ckpt), "--root_path", str(root), "--list", list_name, "--device", "cpu",
+                     "--out", str(tmp_path / "out")])
     assert isinstance(e.value.code, str) and "\n" not in e.value.code
-    assert e.value.code.startswith(f"error: checkpoint {ckpt}") and expected in e.value.code
+    assert e.value.code.startswith(f"error: checkpoint {ckpt}") and expected in e.value.code, e.value.code
+
+
+def good_checkpoint(path: Path, task: str, patch_size) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(task).state_dict(), "iteration": 1,
+                     "args": {"task": task, "patch_size": list(patch_size), "max_iterations": 1}}, path)
+    return path
+
+
+@pytest.mark.parametrize("task", ["la", "acdc"])
+def test_evaluation_cli_refuses_a_bad_case_with_one_line(masters, tmp_path, task):
+    """The test scripts read and check each case before they score it: a damaged case ends the evaluation with
+    one line naming its file, and no results are written; a list naming a missing case file is refused before
+    any case is scored."""
+    la, acdc = masters
+    out = tmp_path / "out"
+    if task == "la":
+        root = shutil.copytree(la, tmp_path / "LA")
+        nan_image(root)  # the second case of train.list
+        ckpt = good_checkpoint(tmp_path / "iter_1.pth", "la", (16, 16, 16))
+        argv, script, bad, first = ["--list", "train.list"], test_la, la_case(root), read_list(root / "train.list")[0]
+        expected = "1 non-finite values"
+    else:
+        root = shutil.copytree(acdc, tmp_path / "ACDC")
+        name = read_list(root / "val.list")[1]
+        path = case_path("acdc", root, name)
+        image, label = read(path)
+        label[0, 0, 0] = 9
+        rewrite(path, image=image, label=label)
+        ckpt = good_checkpoint(tmp_path / "iter_1.pth", "acdc", (32, 32))
+        argv, script, bad, first = ["--list", "val.list"], test_acdc, path, read_list(root / "val.list")[0]
+        expected = "label values [9] outside the classes 0..3"
+    common = ["--ckpt", str(ckpt), "--root_path", str(root), "--device", "cpu", "--out", str(out), "--no_png"]
+    stdout = StringIO()
+    with pytest.raises(SystemExit) as e, redirect_stdout(stdout):
+        script.main(common + argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg and msg.startswith(f"error: {bad}: ") and expected in msg, msg
+    scored = [line for line in stdout.getvalue().splitlines() if line.startswith(first)]
+    assert scored, stdout.getvalue()  # the first case was scored before the damaged one was read
+    assert not (out / "metrics.csv").exists() and not (out / "summary.json").exists()
+
+    # a case file missing from the list: refused before the first case
+    bad.unlink()
+    with pytest.raises(SystemExit) as e:
+        script.main(common + argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg and msg.startswith("error: list ") and str(bad) in msg, msg
+    assert "1 case files missing" in msg
 
 
 # ------------------------------------------------------------------------------------------------ non-finite
@@ -341,10 +480,10 @@ def nan_run(masters, tmp_path, monkeypatch, base_lr):
     seen = []
     real = train_acdc.train_iteration
 
-    def recording(model, optimizer, scaler, batch, it, *a, **kw):
+    def recording(model, optimizer, batch, it, args, device):
         latest = tmp_path / "ACDC_nan_1_labeled" / "latest.pth"
         seen.append((it, latest.read_bytes() if latest.exists() else None))
-        return real(model, optimizer, scaler, batch, it, *a, **kw)
+        return real(model, optimizer, batch, it, args, device)
     monkeypatch.setattr(train_acdc, "train_iteration", recording)
     argv = ["--root_path", str(acdc), "--out_dir", str(tmp_path), "--exp", "nan", *ACDC_OK, "--batch_size", "4",
             "--labeled_bs", "2", "--max_iterations", "6", "--save_every", "1", "--log_every", "1",
@@ -355,25 +494,30 @@ def nan_run(masters, tmp_path, monkeypatch, base_lr):
     return e.value.code, err.getvalue(), seen, tmp_path / "ACDC_nan_1_labeled"
 
 
-@pytest.mark.parametrize("base_lr, stop", [
-    ("1e30", "non-finite loss at iteration"),       # the loss becomes NaN
-    ("1e8", "non-finite weights after iteration"),  # the loss is finite, the weights after the step are not
+@pytest.mark.parametrize("base_lr, stop, exit_code", [
+    ("1e30", "non-finite loss at iteration", 1),                        # the loss becomes NaN
+    ("1e8", "error: non-finite weights after iteration", "a message"),  # a finite loss, non-finite weights after
 ])
-def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(masters, tmp_path, monkeypatch, base_lr, stop):
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(masters, tmp_path, monkeypatch, base_lr, stop,
+                                                                      exit_code):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         code, err, seen, run_dir = nan_run(masters, tmp_path, monkeypatch, base_lr)
     finally:
         torch.set_num_threads(before)
+    if exit_code == 1:  # logged, then SystemExit(1)
+        assert code == 1, (code, err[-2000:])
+    else:  # SystemExit with the message (Python prints it and exits with 1)
+        assert isinstance(code, str) and "\n" not in code, (code, err[-2000:])
     message = code if isinstance(code, str) else err
-    assert code not in (0, None) and stop in message, (code, err[-2000:])
-    print(f"\n--base_lr {base_lr}: exit {code if isinstance(code, int) else 1}: "
-          f"{[line for line in message.splitlines() if 'non-finite' in line][0]}")
-    assert "last good checkpoint" in message and "kept" in message
+    assert stop in message, (code, err[-2000:])
+    line = [line for line in message.splitlines() if "non-finite" in line][0]
+    print(f"\n--base_lr {base_lr}: exit {code if isinstance(code, int) else 1}: {line}")
+    assert "last checkpoint is kept" in line
     last_it, last_bytes = seen[-1]  # latest.pth as it was when the failing iteration started
     assert last_it >= 1 and (run_dir / "latest.pth").read_bytes() == last_bytes
-    assert f"iteration {last_it + 1}" in message
+    assert f"iteration {last_it + 1}" in line
     state = load_checkpoint(run_dir / "latest.pth")
     assert state["iteration"] == last_it
     assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
@@ -382,23 +526,21 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(masters, t
 
 # ------------------------------------------------------------------------------------------------ table
 def main():
-    """Print every case and its message (the list in docs/RELIABILITY.md)."""
+    """Print every case and its message."""
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         base = Path(d)
         global TRUNCATED
         la, acdc = build_roots(base / "m")
-        buf = base / "full.pth"
-        save_checkpoint({"model": {"w": torch.randn(4096)}, "optimizer": {}, "scaler": {}, "iteration": 1,
-                         "args": {}}, buf)
-        TRUNCATED = buf.read_bytes()[: buf.stat().st_size // 2]
+        TRUNCATED = make_truncated(base)
         for i, case in enumerate(CASES):
             tmp = base / f"c{i}"
             tmp.mkdir()
             code, message, seconds, _ = run_case(case, la, acdc, tmp)
             shown = message.replace(str(tmp), "<tmp>")
-            flags = " ".join(f.replace("{tmp}", "<tmp>") for f in case[2])
-            print(f"| {case[0]} | `{case[1]}{' ' + flags if flags else ''}` | {code} | {seconds:.2f} | `{shown}` |")
+            flags = " ".join(f.replace("{tmp}", "<tmp>") for f in case.flags)
+            print(f"| {case.name} | `{case.script}{' ' + flags if flags else ''}` | {code} | {seconds:.2f} | "
+                  f"`{shown}` |")
 
 
 if __name__ == "__main__":

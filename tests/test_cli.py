@@ -1,4 +1,4 @@
-"""Training and evaluation through the real command lines, on tiny synthetic data (CPU)."""
+"""Training and evaluation through the real command lines and the run scripts, on tiny synthetic data (CPU)."""
 import json
 import os
 import re
@@ -9,95 +9,97 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.synthetic import make_acdc, make_la
+import train_acdc
+import train_la
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cmd, **kw):
     env = {**os.environ, "PYTHON": sys.executable, **kw.pop("env", {})}
-    out = subprocess.run(cmd, cwd=kw.pop("cwd", REPO), env=env, capture_output=True, text=True, timeout=600, **kw)
-    return out
+    return subprocess.run(cmd, cwd=kw.pop("cwd", REPO), env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def py(script, *args, **kw):
     return run([sys.executable, str(REPO / "code" / script), *map(str, args)], **kw)
 
 
-@pytest.fixture(scope="module")
-def la_root(tmp_path_factory):
-    return make_la(tmp_path_factory.mktemp("la"), n_train=5, n_test=2, shape=(36, 36, 24), seed=0)
-
-
-@pytest.fixture(scope="module")
-def acdc_root(tmp_path_factory):
-    return make_acdc(tmp_path_factory.mktemp("acdc"), n_train_patients=3, n_val=1, n_test=1, shape=(6, 48, 48), seed=0)
-
-
-LA_TINY = ["--labelnum", 2, "--max_iterations", 2, "--patch_size", 32, 32, 16, "--num_workers", 0, "--log_every", 1,
-           "--image_every", 1]
-ACDC_TINY = ["--labelnum", 1, "--max_iterations", 2, "--patch_size", 32, 32, "--batch_size", 4, "--labeled_bs", 2,
-             "--num_workers", 0, "--log_every", 1, "--image_every", 1]
+LA_TINY = ["--device", "cpu", "--labelnum", 2, "--max_iterations", 2, "--patch_size", 32, 32, 16, "--num_workers", 0,
+           "--log_every", 1, "--image_every", 1]
+ACDC_TINY = ["--device", "cpu", "--labelnum", 1, "--max_iterations", 2, "--patch_size", 32, 32, "--batch_size", 4,
+             "--labeled_bs", 2, "--num_workers", 0, "--log_every", 1, "--image_every", 1]
 
 
 def check_run_folder(run_dir, max_it, task):
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "log.txt", "latest.pth", f"iter_{max_it}.pth"} <= names, names
     assert any(n.startswith("events.out.tfevents") for n in names)
+    assert not any(n.endswith(".tmp") for n in names)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["args"]["max_iterations"] == max_it and cfg["git_commit"] and cfg["versions"]["torch"]
+    assert cfg["run_dir"] == str(run_dir) and cfg["world_size"] == 1 and cfg["device"] == "cpu"
     ckpt = torch.load(run_dir / f"iter_{max_it}.pth", weights_only=True)
-    assert {"model", "optimizer", "iteration", "args", "scaler"} <= set(ckpt)
-    assert ckpt["iteration"] == max_it and ckpt["args"]["task"] == task
+    assert {"model", "optimizer", "iteration", "args", "world_size", "num_threads"} <= set(ckpt)
+    assert ckpt["iteration"] == max_it and ckpt["args"]["task"] == task and ckpt["world_size"] == 1
+    latest = torch.load(run_dir / "latest.pth", weights_only=True)
+    assert latest["iteration"] == max_it
+    assert all(torch.equal(latest["model"][k], v) for k, v in ckpt["model"].items())
 
 
-def test_la_train_then_test_through_the_command_line(la_root, tmp_path):
-    r = py("train_la.py", "--root_path", la_root, "--out_dir", tmp_path, "--exp", "cli", *LA_TINY)
+def test_la_train_then_test_through_the_command_line(syn_la, tmp_path):
+    r = py("train_la.py", "--root_path", syn_la, "--out_dir", tmp_path, "--exp", "cli", *LA_TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "LA_cli_2_labeled"
     check_run_folder(run_dir, 2, "la")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["n_labeled"] == 2 and cfg["n_unlabeled"] == 3
     assert "loss_tkd" in (run_dir / "log.txt").read_text()
     r = py("test_la.py", "--run", run_dir, "--list", "test.list", "--patch_size", 32, 32, 16, "--stride_xy", 8,
            "--stride_z", 8, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "eval_test" / "summary.json").read_text())
     assert summary["n_cases"] == 2 and {"dice", "jaccard", "hd95", "asd", "n_empty"} <= set(summary)
-    assert 0.0 <= summary["dice"] <= 1.0
-    assert len((run_dir / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
-    assert list((run_dir / "png").glob("*.png"))
-    assert "mean" in r.stdout
+    assert 0.0 <= summary["dice"] <= 1.0 and summary["final_checkpoint"] is True
+    assert summary["checkpoint"] == str(run_dir / "iter_2.pth") and summary["root_path"] == str(syn_la)
+    assert len((run_dir / "eval_test" / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    assert len(list((run_dir / "eval_test" / "png").glob("*.png"))) == 2
+    assert re.search(r"^mean ", r.stdout, re.M) and re.search(r"^std ", r.stdout, re.M)
 
 
-def test_acdc_train_then_test_through_the_command_line(acdc_root, tmp_path):
-    r = py("train_acdc.py", "--root_path", acdc_root, "--out_dir", tmp_path, "--exp", "cli", *ACDC_TINY,
+def test_acdc_train_then_test_through_the_command_line(syn_acdc, tmp_path):
+    r = py("train_acdc.py", "--root_path", syn_acdc, "--out_dir", tmp_path, "--exp", "cli", *ACDC_TINY,
            "--val_every", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     run_dir = tmp_path / "ACDC_cli_1_labeled"
     check_run_folder(run_dir, 2, "acdc")
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["n_labeled_slices"] == 32 and cfg["n_unlabeled_slices"] == 4
     assert "mean Dice on val.list" in (run_dir / "log.txt").read_text()
     r = py("test_acdc.py", "--run", run_dir, "--list", "val.list", "--patch_size", 32, 32, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "eval_val" / "summary.json").read_text())
     assert summary["n_cases"] == 2 and set(summary["per_class"]) == {"RV", "Myo", "LV"}
+    assert summary["list"] == str(syn_acdc / "val.list")
 
 
-def test_supervised_method_runs(la_root, tmp_path):
-    r = py("train_la.py", "--root_path", la_root, "--out_dir", tmp_path, "--exp", "sup", "--method", "supervised",
+def test_supervised_method_runs(syn_la, tmp_path):
+    r = py("train_la.py", "--root_path", syn_la, "--out_dir", tmp_path, "--exp", "sup", "--method", "supervised",
            *LA_TINY)
     assert r.returncode == 0, r.stderr[-3000:]
     log = (tmp_path / "LA_sup_2_labeled" / "log.txt").read_text()
     assert "loss_sup" in log and "loss_tkd" not in log
+    assert "2 labeled / 0 unlabeled cases" in log
 
 
 def first_losses(run_dir):
-    lines = [re.sub(r"^\[[0-9:]+\] ", "", l) for l in (run_dir / "log.txt").read_text().splitlines()]
-    return [l for l in lines if re.match(r"it \d+/", l)]
+    lines = [re.sub(r"^\[[0-9:]+\] ", "", line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    return [line for line in lines if re.match(r"it \d+/", line)]
 
 
-def test_same_seed_same_first_losses_other_seed_differs(la_root, tmp_path):
+def test_same_seed_same_first_losses_other_seed_differs(syn_la, tmp_path):
     logs = {}
     for name, seed in (("a", 1337), ("b", 1337), ("c", 7)):
-        r = py("train_la.py", "--root_path", la_root, "--out_dir", tmp_path, "--exp", name, "--seed", seed,
+        r = py("train_la.py", "--root_path", syn_la, "--out_dir", tmp_path, "--exp", name, "--seed", seed,
                "--deterministic", *LA_TINY)
         assert r.returncode == 0, r.stderr[-3000:]
         logs[name] = first_losses(tmp_path / f"LA_{name}_2_labeled")
@@ -106,12 +108,61 @@ def test_same_seed_same_first_losses_other_seed_differs(la_root, tmp_path):
     assert logs["a"] != logs["c"]
 
 
-def test_run_la_sh_without_data_explains_where_it_comes_from(tmp_path):
+# ----------------------------------------------------------------------------- --print_run_dir / --print_config
+def listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
+
+
+def test_print_run_dir_prints_the_folder_and_touches_nothing(tmp_path):
+    # a relative --out_dir is taken from the repository root, not the working directory; the data root may not exist
+    rel = f"model_print_run_dir_test_{os.getpid()}"
+    r = py("train_la.py", "--print_run_dir", "--out_dir", rel, "--exp", "x", "--labelnum", 4, "--root_path",
+           tmp_path / "nowhere", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == f"{REPO / rel / 'LA_x_4_labeled'}\n"
+    assert not (REPO / rel).exists() and not (tmp_path / rel).exists() and list(tmp_path.iterdir()) == []
+
+
+def test_print_run_dir_in_process(syn_acdc, tmp_path, capsys):
+    before = listing(syn_acdc)
+    assert train_acdc.main(["--print_run_dir", "--out_dir", str(tmp_path / "m"), "--root_path", str(syn_acdc),
+                            "--labelnum", "1"]) == tmp_path / "m" / "ACDC_CrossMatch_1_labeled"
+    assert capsys.readouterr().out == f"{tmp_path / 'm' / 'ACDC_CrossMatch_1_labeled'}\n"
+    assert not (tmp_path / "m").exists() and listing(syn_acdc) == before
+
+
+def test_print_config_is_json_and_touches_nothing(syn_la, syn_acdc, tmp_path, capsys):
+    out = tmp_path / "m"
+    before = listing(syn_la)
+    run_dir = train_la.main(["--print_config", "--out_dir", str(out), "--root_path", str(syn_la), "--exp", "cfg",
+                             "--labelnum", "2", "--patch_size", "32", "32", "16", "--amp", "bf16"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert run_dir == out / "LA_cfg_2_labeled" and cfg["run_dir"] == str(run_dir)
+    args = cfg["args"]
+    assert args["task"] == "la" and args["labelnum"] == 2 and args["patch_size"] == [32, 32, 16]
+    assert args["max_iterations"] == 9000 and args["base_lr"] == 1e-3 and args["amp"] == "bf16"
+    assert args["root_path"] == str(syn_la) and not any(k.startswith("print_") for k in args)
+    assert not out.exists() and listing(syn_la) == before
+    # ACDC: the length in iterations comes from --epochs over the unlabeled slices of the list
+    before = listing(syn_acdc)
+    train_acdc.main(["--print_config", "--out_dir", str(out), "--root_path", str(syn_acdc), "--labelnum", "1",
+                     "--batch_size", "4", "--labeled_bs", "2", "--epochs", "10"])
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["args"]["max_iterations"] == 10 * 2  # 4 unlabeled slices, 2 per batch
+    assert cfg["run_dir"] == str(out / "ACDC_CrossMatch_1_labeled")
+    assert not out.exists() and listing(syn_acdc) == before
+
+
+# ---------------------------------------------------------------------------------------------- run scripts
+def test_run_scripts_without_data_explain_where_it_comes_from(tmp_path):
     r = run(["bash", "run_la.sh", "8"], env={"LA_ROOT": str(tmp_path / "nowhere")})
     assert r.returncode == 1
     assert "no LA data" in r.stderr and "README" in r.stderr and "--demo" in r.stderr
     r = run(["bash", "run_acdc.sh", "7"], env={"ACDC_ROOT": str(tmp_path / "nowhere")})
     assert r.returncode == 1 and "no ACDC data" in r.stderr and "--demo" in r.stderr
+    r = run(["bash", "run_la.sh"])
+    assert r.returncode == 2 and "usage" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("script,task", [("run_la.sh", "LA"), ("run_acdc.sh", "ACDC")])
@@ -120,5 +171,8 @@ def test_demo_script_wiring(tmp_path, script, task):
     r = run(["bash", script, "--demo", "--max_iterations", "2", "--out_dir", str(tmp_path / "model"),
              "--num_workers", "0"], env={"DEMO_ROOT": str(tmp_path / "data")})
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    run_dir = next((tmp_path / "model").glob(f"{task}_demo_*_labeled"))
-    assert (run_dir / "summary.json").is_file() and "demo finished" in r.stdout
+    run_dirs = list((tmp_path / "model").iterdir())
+    assert [p.name for p in run_dirs] == [f"{task}_demo_{3 if task == 'ACDC' else 4}_labeled"]
+    summary = json.loads((run_dirs[0] / "eval_test" / "summary.json").read_text())
+    assert summary["final_checkpoint"] is True and summary["list"] == str(tmp_path / "data" / "test.list")
+    assert re.search(r"^finished in \d+ s$", r.stdout, re.M)

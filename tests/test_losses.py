@@ -68,10 +68,16 @@ def np_ce(logits, target):
     return -np.take_along_axis(logp, target[:, None], 1).mean()
 
 
+def np_masked_ce(logits, target, mask):
+    """Cross-entropy against a hard label, masked voxels counted as zero in the mean over all voxels."""
+    logp = np.log(np_softmax(logits))
+    return -(np.take_along_axis(logp, target[:, None], 1)[:, 0] * mask).mean()
+
+
 class StubNet(torch.nn.Module):
     """Returns fixed logits for pass A (first call) and pass B (second call), times a trainable 1."""
 
-    def __init__(self, out_a, out_b):
+    def __init__(self, out_a, out_b=None):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.outs = [out_a, out_b]
@@ -99,12 +105,13 @@ def run_stub(args, L=2, U=2, spatial=(3, 3, 2), seed=0):
              "x_s2": torch.zeros(U, 1, *spatial)}
     net = StubNet(torch.from_numpy(out_a), torch.from_numpy(out_b))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    logs = train_la.train_iteration(net, opt, scaler, batch, 0, args, torch.device("cpu"))
+    logs, p_l = train_la.train_iteration(net, opt, batch, 0, args, torch.device("cpu"))
+    assert torch.equal(p_l, torch.from_numpy(out_a[:L])) and not p_l.requires_grad   # the labeled logits
+    assert all(not v.requires_grad for v in logs.values())
     return net, logs, out_a.astype(np.float64), out_b.astype(np.float64), y_l
 
 
-def expected_losses(out_a, out_b, y_l, L, U, tau, eta, ip=True, tkd=True, dkd=True):
+def expected_losses(out_a, out_b, y_l, L, U, tau, eta, ip=True, tkd=True, dkd=True, crit=np_dice):
     p_l, p_wn, p_ww, p_ws = out_a[:L], out_a[L:L + U], out_a[L + U:L + 2 * U], out_a[L + 2 * U:]
     p_s1, p_s2, p_sw, p_ss = np.split(out_b, 4)
     def teacher(p):
@@ -113,10 +120,10 @@ def expected_losses(out_a, out_b, y_l, L, U, tau, eta, ip=True, tkd=True, dkd=Tr
     y_wn, m_wn = teacher(p_wn)
     y_ww, m_ww = teacher(p_ww)
     y_ws, m_ws = teacher(p_ws)
-    l_ip = 0.5 * (np_dice(p_s1, y_wn, m_wn) + np_dice(p_s2, y_wn, m_wn)) if ip else 0.0
-    l_tkd = np_dice(np.concatenate([p_ww, p_ws, p_sw, p_ss]), np.concatenate([y_wn] * 4),
-                    np.concatenate([m_wn] * 4)) if tkd else 0.0
-    l_dkd = 0.5 * (np_dice(p_sw, y_ww, m_ww) + np_dice(p_ss, y_ws, m_ws)) if dkd else 0.0
+    l_ip = 0.5 * (crit(p_s1, y_wn, m_wn) + crit(p_s2, y_wn, m_wn)) if ip else 0.0
+    l_tkd = crit(np.concatenate([p_ww, p_ws, p_sw, p_ss]), np.concatenate([y_wn] * 4),
+                 np.concatenate([m_wn] * 4)) if tkd else 0.0
+    l_dkd = 0.5 * (crit(p_sw, y_ww, m_ww) + crit(p_ss, y_ws, m_ws)) if dkd else 0.0
     l_u = 0.5 * (l_ip + (1 - eta) * l_tkd + eta * l_dkd)
     l_sup = 0.5 * (np_ce(p_l, y_l) + np_dice(p_l, y_l, np.ones(y_l.shape)))
     return dict(loss_ip=l_ip, loss_tkd=l_tkd, loss_dkd=l_dkd, loss_u=l_u, loss_sup=l_sup,
@@ -143,6 +150,45 @@ def test_switching_off_a_term(off):
     assert logs["loss_" + off[3:]].item() == 0.0
     for k in ("loss_u", "loss"):
         assert logs[k].item() == pytest.approx(exp[k], rel=1e-5), k
+
+
+def test_cross_entropy_as_the_unlabeled_criterion():
+    """--unsup_loss ce: the same assembly with the masked cross-entropy in place of the masked Dice."""
+    args = make_args(unsup_loss="ce")
+    _, logs, out_a, out_b, y_l = run_stub(args, seed=4)
+    exp = expected_losses(out_a, out_b, y_l, 2, 2, args.conf_thresh, args.eta, crit=np_masked_ce)
+    assert 0 < exp["conf_frac"] < 1
+    for k, v in exp.items():
+        assert logs[k].item() == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert logs["loss_u"].item() != pytest.approx(expected_losses(out_a, out_b, y_l, 2, 2, args.conf_thresh,
+                                                                  args.eta)["loss_u"], rel=1e-3)
+
+
+def test_supervised_method_and_the_optimizer_step():
+    """--method supervised: one plain forward of the labeled batch, loss = L_sup; the learning rate of the step
+    is poly_lr(it) and the step moves the weights by -lr * grad (plain SGD)."""
+    rng = np.random.default_rng(9)
+    L, spatial, it = 3, (4, 3, 2), 4
+    out = rng.normal(scale=2.0, size=(L, 2, *spatial)).astype(np.float32)
+    y_l = rng.integers(0, 2, size=(L, *spatial))
+    net = StubNet(torch.from_numpy(out))
+    opt = torch.optim.SGD(net.parameters(), lr=123.0)
+    args = make_args(method="supervised", base_lr=0.1)
+    batch = {"x_l": torch.zeros(L, 1, *spatial), "y_l": torch.from_numpy(y_l)}
+    logs, p_l = train_la.train_iteration(net, opt, batch, it, args, torch.device("cpu"))
+    assert net.calls == [((L, 1, *spatial), 0)]
+    assert logs.keys() == {"loss", "loss_sup"} and torch.equal(p_l, torch.from_numpy(out))
+    exp = 0.5 * (np_ce(out.astype(np.float64), y_l) + np_dice(out.astype(np.float64), y_l, np.ones(y_l.shape)))
+    assert logs["loss"].item() == logs["loss_sup"].item() == pytest.approx(exp, rel=1e-5)
+    lr = args.base_lr * (1 - it / args.max_iterations) ** args.poly_power
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr, rel=1e-12)
+    # d loss / d scale, the stub's one weight, by central differences of the NumPy loss
+    h = 1e-4
+    o = out.astype(np.float64)
+    num = lambda c: 0.5 * (np_ce(c * o, y_l) + np_dice(c * o, y_l, np.ones(y_l.shape)))
+    grad = (num(1 + h) - num(1 - h)) / (2 * h)
+    assert abs(grad) > 1e-3
+    assert (1 - net.scale.item()) / lr == pytest.approx(grad, rel=1e-4)
 
 
 def test_threshold_one_masks_every_unlabeled_voxel():
@@ -173,8 +219,8 @@ def test_cutmix_mixes_image_and_every_teacher_target_by_the_same_box():
     L, U, spatial = 2, 3, (6, 6, 4)
     net, logs, out_a, out_b, y_l = run_stub(args, L=L, U=U, spatial=spatial, seed=7)
     # redraw the iteration's boxes: same seed, same order of draws as train_iteration
-    from utils.seeding import iteration_seed
-    torch.manual_seed(iteration_seed(args.seed, 0, 0))
+    from utils.training import iteration_seed
+    torch.manual_seed(iteration_seed(args.seed, 0))
     partner = partner_index(U).numpy()
     box1 = sample_boxes(U, spatial, 1.0).numpy()
     box2 = sample_boxes(U, spatial, 1.0).numpy()
@@ -211,8 +257,8 @@ def test_la_and_acdc_scripts_compute_the_same_algorithm():
     for module in (train_la, train_acdc):
         net = StubNet(out_a.clone(), out_b.clone())
         opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-        logs = module.train_iteration(net, opt, torch.amp.GradScaler("cpu", enabled=False), batch, 4,
-                                      make_args(cutmix_p=1.0, conf_thresh=0.5), torch.device("cpu"))
+        logs, _ = module.train_iteration(net, opt, batch, 4, make_args(cutmix_p=1.0, conf_thresh=0.5),
+                                         torch.device("cpu"))
         results.append({k: v.item() for k, v in logs.items()})
     assert results[0] == results[1]
     assert results[0]["loss_dkd"] > 0

@@ -1,4 +1,4 @@
-"""Metrics against known geometry, the empty-case policy (SPEC.md 4) and the summaries."""
+"""Metrics against known geometry, the empty-case policy (docs/PROTOCOL.md) and the summaries."""
 import math
 
 import numpy as np

@@ -4,11 +4,13 @@
 Arrays are compared with ``../shared/data/arrays.sha256.json`` (relative to the repository) when that
 file exists: SHA-256 over, for each dataset name in sorted order, the name, the dtype string, the shape
 string and the raw C-order bytes; keys are ``LA/<path under the LA root>`` and ``ACDC/<path under the
-ACDC root>``.
+ACDC root>``. Only training lists (and ACDC val.list) are used to develop on; test lists are only read and checked.
 """
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -16,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils.checks import check_acdc_root, check_la_root
-from utils.data_acdc import (LABELED_SLICES, ACDCSlices, acdc_slice_path, acdc_volume_path, labeled_slice_count,
-                             load_slice, load_volume, patient_of, slices_of_first_patients)
-from utils.data_la import LADataset, la_case_path, load_case, read_list
+import check_data
+from utils.data import (LABELED_SLICES, TrainSet, acdc_labeled_slices, case_path, load_case, patient_of,
+                        read_list)
 from utils.sampler import collate_two_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,17 +68,16 @@ def test_la_cases_match_published_arrays():
     cases = read_list(root / "train.list")
     assert len(cases) == 80
     for case in cases[:2] + cases[-1:]:
-        path = la_case_path(root, case)
-        image, label = load_case(path)
+        image, label = load_case("la", root, case)  # read and checked as training reads them
         assert image.dtype == np.float32 and label.dtype == np.uint8 and image.ndim == 3
-        check_hash("LA", root, path, image, label)
+        check_hash("LA", root, case_path("la", root, case), image, label)
 
 
 @needs_la
-def test_la_dataset_on_real_cases():
+def test_la_trainset_on_real_cases():
     root = Path(LA_ROOT)
     cases = read_list(root / "train.list")[:3]
-    ds = LADataset(root, cases, labeled_count=1, patch_size=(112, 112, 80), cache=False)
+    ds = TrainSet("la", root, cases, n_labeled=1, patch_size=(112, 112, 80))
     batch = collate_two_stream([ds[(0, 1)], ds[(2, 2)]])
     assert batch["x_l"].shape == (1, 1, 112, 112, 80) and batch["y_l"].shape == (1, 112, 112, 80)
     assert set(torch.unique(batch["y_l"]).tolist()) <= {0, 1}
@@ -87,10 +87,9 @@ def test_la_dataset_on_real_cases():
 
 @needs_la
 def test_la_root_checks():
-    info = check_la_root(LA_ROOT, "train.list", labelnum=16, patch_size=(112, 112, 80))
-    assert info["n_cases"] == info["n_read"] == 80
-    assert info["image_dtypes"] == ["float32"] and info["label_dtypes"] == ["uint8"]
-    assert 0.02 < info["class_fractions"][1] < 0.3 and info["n_without_foreground"] == 0
+    info = check_data.check_list("la", Path(LA_ROOT), "train.list")  # every case read and checked
+    assert info["cases"] == 80 and info["shape_min"][0] >= 112 and info["shape_min"][2] >= 80
+    assert 0.02 < info["class_fractions"][1] < 0.3
 
 
 @needs_acdc
@@ -98,20 +97,18 @@ def test_acdc_arrays_match_published_and_slices_match_volumes():
     root = Path(ACDC_ROOT)
     vols = read_list(root / "val.list")[:2] + read_list(root / "train.list")[:1]
     for vol in vols:
-        path = acdc_volume_path(root, vol)
-        image, label = load_volume(path)
+        image, label = load_case("acdc", root, vol)
         assert image.ndim == 3 and label.dtype == np.uint8
-        check_hash("ACDC", root, path, image, label)
+        check_hash("ACDC", root, case_path("acdc", root, vol), image, label)
     slices = read_list(root / "train_slices.list")
     for name in slices[:3]:
-        path = acdc_slice_path(root, name)
-        image, label = load_slice(path)
-        check_hash("ACDC", root, path, image, label)
+        image, label = load_case("acdc", root, name)
+        check_hash("ACDC", root, case_path("acdc", root, name), image, label)
         vol, k = name.rsplit("_slice_", 1)
-        vimage, vlabel = load_volume(acdc_volume_path(root, vol))
-        # slice k = volume[k - 1] (the slice files may be stored in a narrower float type)
+        vimage, vlabel = load_case("acdc", root, vol)
+        # slice k = volume[k - 1]
         assert np.array_equal(label, vlabel[int(k) - 1])
-        assert np.allclose(image, vimage[int(k) - 1], atol=1e-6)
+        assert np.array_equal(image, vimage[int(k) - 1])
 
 
 @needs_acdc
@@ -119,36 +116,38 @@ def test_acdc_labeled_slice_table_matches_the_list():
     slices = read_list(Path(ACDC_ROOT) / "train_slices.list")
     assert len(slices) == 1312
     patients = [patient_of(s) for s in slices]
-    for n in LABELED_SLICES:
-        m = labeled_slice_count(n)
-        assert len(set(patients[:m])) == n                       # exactly n patients labeled
-        assert m == len(slices) or patients[m] not in set(patients[:m])   # no patient split
-        assert slices_of_first_patients(slices, n) == m
+    for n, m in LABELED_SLICES.items():
+        assert acdc_labeled_slices(slices, n, "train_slices.list") == (m, [])  # no warning: n patients, no split
+        assert len(set(patients[:m])) == n  # exactly n patients labeled
+        assert m == len(slices) or patients[m] not in set(patients[:m])  # no patient split
 
 
 @needs_acdc
-def test_acdc_dataset_on_real_slices():
+def test_acdc_trainset_on_real_slices():
     root = Path(ACDC_ROOT)
     names = read_list(root / "train_slices.list")[:4]
-    ds = ACDCSlices(root, names, labeled_count=2, cache=False)
+    ds = TrainSet("acdc", root, names, n_labeled=2, patch_size=(256, 256))
     batch = collate_two_stream([ds[(i, i)] for i in range(4)])
     assert batch["x_l"].shape == (2, 1, 256, 256) and batch["x_w"].shape == (2, 1, 256, 256)
     assert int(batch["y_l"].max()) <= 3 and float(batch["x_s1"].min()) >= 0 and float(batch["x_s1"].max()) <= 1
 
 
 @needs_acdc
-def test_acdc_root_checks():
+def test_acdc_root_checks(capsys):
     root = Path(ACDC_ROOT)
-    info = check_acdc_root(root, "train_slices.list", labelnum=7, patch_size=(256, 256))
-    assert info["n_cases"] == 1312 and info["n_labeled"] == 136 and info["warnings"] == []
-    val = check_acdc_root(root, "val.list")
-    assert val["kind"] == "volumes" and val["n_cases"] == 20 and val["n_patients"] == 10
+    # every list: every case read and checked, every training slice compared with its volume
+    assert check_data.main(["--task", "acdc", "--root_path", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"ACDC root {root}: 3 list(s) OK")
+    assert [line.split()[:2] for line in out[1:]] == [["train_slices.list", "1312"], ["val.list", "20"],
+                                                      ["test.list", "40"]]
+    val = check_data.check_list("acdc", root, "val.list")
+    assert len({patient_of(v) for v in read_list(root / "val.list")}) == 10
     assert len(val["class_fractions"]) == 4 and min(val["class_fractions"]) > 0
+    assert 0 <= val["intensity"][0] < val["intensity"][1] <= 1
 
 
 def _run(script, *args):
-    import subprocess
-    import sys
     cmd = [sys.executable, str(REPO / "code" / script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
 
@@ -161,12 +160,12 @@ def test_la_train_and_test_cli_on_real_cases(tmp_path):
     (tmp_path / "held1.list").write_text(cases[-1] + "\n")
     r = _run("train_la.py", "--root_path", LA_ROOT, "--train_list", tmp_path / "train4.list", "--labelnum", 2,
              "--max_iterations", 2, "--patch_size", 64, 64, 48, "--num_workers", 0, "--out_dir", tmp_path,
-             "--exp", "real", "--log_every", 1)
+             "--exp", "real", "--log_every", 1, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run("test_la.py", "--run", tmp_path / "LA_real_2_labeled", "--root_path", LA_ROOT,
-             "--list", tmp_path / "held1.list", "--stride_xy", 48, "--stride_z", 40, "--sw_batch", 4)
+             "--list", tmp_path / "held1.list", "--stride_xy", 48, "--stride_z", 40, "--sw_batch", 4, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "LA_real_2_labeled" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "LA_real_2_labeled" / "eval_held1" / "summary.json").read_text())
     assert summary["n_cases"] == 1 and 0.0 <= summary["dice"] <= 1.0
 
 
@@ -179,10 +178,10 @@ def test_acdc_train_and_test_cli_on_real_slices(tmp_path):
     (tmp_path / "val1.list").write_text(read_list(Path(ACDC_ROOT) / "val.list")[0] + "\n")
     r = _run("train_acdc.py", "--root_path", ACDC_ROOT, "--train_list", tmp_path / "slices40.list", "--labelnum", 1,
              "--max_iterations", 2, "--patch_size", 64, 64, "--batch_size", 4, "--labeled_bs", 2,
-             "--num_workers", 0, "--out_dir", tmp_path, "--exp", "real", "--log_every", 1)
+             "--num_workers", 0, "--out_dir", tmp_path, "--exp", "real", "--log_every", 1, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run("test_acdc.py", "--run", tmp_path / "ACDC_real_1_labeled", "--root_path", ACDC_ROOT,
-             "--list", tmp_path / "val1.list", "--patch_size", 64, 64)
+             "--list", tmp_path / "val1.list", "--patch_size", 64, 64, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads((tmp_path / "ACDC_real_1_labeled" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ACDC_real_1_labeled" / "eval_val1" / "summary.json").read_text())
     assert summary["n_cases"] == 1 and set(summary["per_class"]) == {"RV", "Myo", "LV"}

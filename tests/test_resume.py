@@ -1,10 +1,11 @@
-"""Exact resume and safe checkpoints (docs/RELIABILITY.md).
+"""Exact resume and safe checkpoints.
 
 With --deterministic on CPU a run interrupted at any iteration (SIGKILL, an exception) and continued with
 --resume ends with a final checkpoint equal, tensor for tensor (torch.equal), to an uninterrupted run of the
-same length: model (parameters and batch-norm buffers) and optimizer state. The data-loader worker count does
-not matter either. Runs are tiny (ACDC 48 x 48 slices, LA 40 x 40 x 28 volumes with 32 x 32 x 16 patches)
-and use one intra-op thread in every process, so that all runs compute with the same kernels.
+same length: model (parameters and batch-norm buffers) and optimizer state; the losses it logs are the same
+too. The data-loader worker count does not matter either. Runs are tiny (ACDC 48 x 48 slices, LA 40 x 40 x 28
+volumes with 32 x 32 x 16 patches) and use one intra-op thread in every process, so that all runs compute with
+the same kernels.
 """
 import os
 import shutil
@@ -12,15 +13,20 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
 import train_acdc
 import train_la
+from utils import run_folder
 from utils import checkpoint as ckpt_mod
-from utils.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp_files, save_checkpoint
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_resume, remove_temp_files, save_checkpoint,
+                              save_training_state)
+from utils.flags import RESUME_MAY_DIFFER
 from utils.synthetic import make_acdc, make_la
 
 CODE = Path(__file__).resolve().parents[1] / "code"
@@ -30,7 +36,7 @@ ACDC_ITERS = 8
 
 # ------------------------------------------------------------------------------------------------ helpers
 def flatten(obj, prefix=""):
-    """{'model/conv.weight': tensor, 'optimizer/state/0/exp_avg': tensor, 'optimizer/param_groups/0/lr': 0.01, ...}"""
+    """{'model/conv.weight': tensor, 'optimizer/state/0/momentum_buffer': tensor, ...}"""
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
@@ -58,6 +64,20 @@ def assert_same_training_state(path_a, path_b):
     return n_tensors
 
 
+def logged_scalars(run_dir):
+    """{tag: {step: [values]}} of every tensorboard events file in a run folder (several after a resume)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+    out = {}
+    for f in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(f)).Load():
+            for v in event.summary.value:
+                if v.metadata.plugin_data.plugin_name == "scalars":
+                    out.setdefault(v.tag, {}).setdefault(event.step, []).append(
+                        float(tensor_util.make_ndarray(v.tensor)))
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """The in-process runs compute with one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1)."""
@@ -68,9 +88,7 @@ def one_thread():
 
 
 def child_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CROSSMATCH_DUMP_RANK_STATE", None)
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def checkpoint_iteration(path):
@@ -108,21 +126,35 @@ def la_args(root, out, exp, *extra, iters=3, workers=0):
 
 @pytest.fixture(scope="module")
 def acdc_reference(acdc_root, tmp_path_factory):
-    """An uninterrupted ACDC run of ACDC_ITERS iterations (in this process, one thread, no workers)."""
+    """An uninterrupted ACDC run of ACDC_ITERS iterations (in this process, one thread, no workers).
+    A copy of latest.pth after every iteration is kept in ``<run_dir>.snapshots/latest_<it>.pth``."""
     out = tmp_path_factory.mktemp("runs")
+    snapshots = out / "ACDC_ref_1_labeled.snapshots"
+    snapshots.mkdir()
+    real = train_acdc.save_training_state
+
+    def keeping_copies(path, model, optimizer, iteration, args, world_size=1):
+        real(path, model, optimizer, iteration, args, world_size)
+        if Path(path).name == "latest.pth":
+            shutil.copy(path, snapshots / f"latest_{iteration}.pth")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    train_acdc.save_training_state = keeping_copies
     try:
         run_dir = train_acdc.main(acdc_args(acdc_root, out, "ref"))
     finally:
+        train_acdc.save_training_state = real
         torch.set_num_threads(before)
     assert (run_dir / f"iter_{ACDC_ITERS}.pth").is_file()
+    assert sorted(p.name for p in snapshots.iterdir()) == sorted(f"latest_{i}.pth" for i in range(1, ACDC_ITERS + 1))
     return run_dir
 
 
 # ------------------------------------------------------------------------------------------------ exact resume
 def test_acdc_sigkill_then_resume_equals_uninterrupted(acdc_root, acdc_reference, tmp_path):
-    """Kill a training process with SIGKILL once latest.pth reaches iteration 2, resume it, compare."""
+    """Kill a training process with SIGKILL once latest.pth reaches iteration 2, resume it, compare weights,
+    optimizer state and logged losses; a temp file left by a killed checkpoint write is removed by the
+    resume."""
     out = acdc_reference.parent
     exp, kill_at = "killed", 2
     cmd = [sys.executable, str(CODE / "train_acdc.py"), *acdc_args(acdc_root, out, exp, workers=2)]
@@ -148,17 +180,35 @@ def test_acdc_sigkill_then_resume_equals_uninterrupted(acdc_root, acdc_reference
     assert kill_at <= killed_at < ACDC_ITERS, killed_at
     assert not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
 
-    # resume in a fresh process, with another worker count
+    # a checkpoint write cut by the kill leaves a temp file; the resume removes it
+    orphan = run_dir / "latest.pth.k1ll3d.tmp"
+    orphan.write_bytes(b"PK\x03\x04 half a checkpoint")
+
+    # resume in a fresh process, with another worker count (allowed, with a warning)
     res = subprocess.run([sys.executable, str(CODE / "train_acdc.py"),
                           *acdc_args(acdc_root, out, exp, "--resume", workers=1)],
                          env=child_env(), capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"{ACDC_ITERS} iterations (from {killed_at})" in res.stderr
+    assert f"iterations {killed_at} -> {ACDC_ITERS}" in res.stderr, res.stderr[-3000:]
+    assert "--num_workers 1 (saved 2)" in res.stderr
+    assert f"removed {orphan.name}" in res.stderr and not orphan.exists()
+    assert not list(run_dir.glob("*.tmp"))
+    assert (run_dir / "config_resume.json").is_file()
     n = assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
     assert_same_training_state(acdc_reference / "latest.pth", latest)
-    assert not list(run_dir.glob("*.tmp"))
+
+    # the same losses, iteration by iteration (killed run and continuation together)
+    ref, got = logged_scalars(acdc_reference), logged_scalars(run_dir)
+    assert set(got["train/loss"]) == set(range(1, ACDC_ITERS + 1))
+    compared = 0
+    for tag, steps in got.items():
+        for step, values in steps.items():
+            assert all(v == ref[tag][step][0] for v in values), (tag, step, values, ref[tag][step])
+            compared += len(values)
+    assert compared >= 8 * ACDC_ITERS
     print(f"\nSIGKILL resume: killed with latest.pth at iteration {killed_at}, resumed {killed_at} -> "
-          f"{ACDC_ITERS}; {n} tensors of model and optimizer state equal to the uninterrupted run")
+          f"{ACDC_ITERS}; {n} tensors of model and optimizer state and {compared} logged scalars equal to the "
+          f"uninterrupted run")
 
 
 def test_acdc_worker_count_does_not_matter(acdc_root, acdc_reference, one_thread):
@@ -170,14 +220,18 @@ class Interrupt(BaseException):
     """Stands for Ctrl-C / a crash in the middle of an iteration."""
 
 
-def interrupt_at(module, monkeypatch, at_iteration):
-    real = module.train_iteration
+def interrupt_at(module, monkeypatch, at_iteration=None):
+    """Make ``module.train_iteration`` raise Interrupt in iteration ``at_iteration``; returns the list of the
+    iterations it trains (so that a test sees where a resumed run started)."""
+    real, trained = module.train_iteration, []
 
-    def wrapped(model, optimizer, scaler, batch, it, *a, **kw):
+    def wrapped(model, optimizer, batch, it, args, device):
         if it == at_iteration:
             raise Interrupt(f"interrupted in iteration {it}")
-        return real(model, optimizer, scaler, batch, it, *a, **kw)
+        trained.append(it)
+        return real(model, optimizer, batch, it, args, device)
     monkeypatch.setattr(module, "train_iteration", wrapped)
+    return trained
 
 
 def test_la_interrupted_then_resumed_equals_uninterrupted(la_root, tmp_path, monkeypatch, one_thread):
@@ -189,77 +243,150 @@ def test_la_interrupted_then_resumed_equals_uninterrupted(la_root, tmp_path, mon
             train_la.main(la_args(la_root, tmp_path, "cut", workers=2))
     run_dir = tmp_path / "LA_cut_2_labeled"
     assert load_checkpoint(run_dir / "latest.pth")["iteration"] == 1
+    assert not (run_dir / "iter_3.pth").exists()
+    trained = interrupt_at(train_la, monkeypatch)
     train_la.main(la_args(la_root, tmp_path, "cut", "--resume"))
+    assert trained == [1, 2]
     assert_same_training_state(ref / "iter_3.pth", run_dir / "iter_3.pth")
 
 
+def test_acdc_interrupted_in_the_first_iteration(acdc_root, acdc_reference, tmp_path, monkeypatch, one_thread):
+    """An interruption inside iteration 0 leaves a run folder without latest.pth: --resume has nothing to
+    continue, a plain start is refused, --overwrite starts afresh and trains the same run."""
+    exp = "cut0"
+    with monkeypatch.context() as m:
+        interrupt_at(train_acdc, m, 0)
+        with pytest.raises(Interrupt):
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    assert (run_dir / "config.json").is_file() and not (run_dir / "latest.pth").exists()
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--overwrite"))
+    assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+
+
+def test_acdc_interrupted_in_the_last_iteration(acdc_root, acdc_reference, tmp_path, monkeypatch, one_thread):
+    """Also: the tensorboard events are flushed at every checkpoint, so an interrupted run (its writer never
+    closed) keeps the logs of every iteration up to its latest.pth."""
+    exp = "cutlast"
+    flushed = []  # the iteration of latest.pth at each flush
+
+    class RecordingWriter(run_folder.SummaryWriter):
+        def flush(self):
+            flushed.append(checkpoint_iteration(Path(self.log_dir) / "latest.pth"))
+            super().flush()
+    with monkeypatch.context() as m:
+        m.setattr(run_folder, "SummaryWriter", RecordingWriter)
+        interrupt_at(train_acdc, m, ACDC_ITERS - 1)
+        with pytest.raises(Interrupt):
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    assert flushed == list(range(1, ACDC_ITERS)), flushed
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    assert load_checkpoint(run_dir / "latest.pth")["iteration"] == ACDC_ITERS - 1
+    assert not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
+    trained = interrupt_at(train_acdc, monkeypatch)
+    train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+    assert trained == [ACDC_ITERS - 1]
+    assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+
+
 def test_acdc_resume_from_every_iteration(acdc_root, acdc_reference, tmp_path, monkeypatch, one_thread):
-    """Interruptions in the first and in the last iteration also resume exactly (iterations 0 and N - 1)."""
-    for at in (0, ACDC_ITERS - 1):
-        exp = f"cut{at}"
-        with monkeypatch.context() as m:
-            interrupt_at(train_acdc, m, at)
-            with pytest.raises(Interrupt):
-                train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    """The run folder as an interruption after iteration k leaves it (latest.pth of iteration k, no final
+    checkpoint), for every k from 1 to N - 1: the resumed run ends equal to the uninterrupted one."""
+    snapshots = acdc_reference.parent / f"{acdc_reference.name}.snapshots"
+    for k in range(1, ACDC_ITERS):
+        exp = f"from{k}"
         run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
-        if at == 0:  # nothing saved yet: --resume has nothing to continue, a plain start is refused
-            assert not (run_dir / "latest.pth").exists()
-            with pytest.raises(SystemExit, match="nothing to resume"):
-                train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
-            with pytest.raises(SystemExit, match="already holds a run"):
-                train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
-            train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--overwrite"))
-        else:
+        run_dir.mkdir()
+        shutil.copy(acdc_reference / "config.json", run_dir / "config.json")
+        shutil.copy(snapshots / f"latest_{k}.pth", run_dir / "latest.pth")
+        with monkeypatch.context() as m:
+            trained = interrupt_at(train_acdc, m)
             train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+        assert trained == list(range(k, ACDC_ITERS))  # continued, not started afresh
         assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+        shutil.rmtree(run_dir)  # 15 MB per checkpoint
 
 
 # ------------------------------------------------------------------------------------------------ run folder rules
 def test_existing_run_folder_is_refused_without_resume_or_overwrite(acdc_root, acdc_reference):
+    stamp = (acdc_reference / "latest.pth").stat().st_mtime_ns
     t0 = time.perf_counter()
     with pytest.raises(SystemExit) as e:
         train_acdc.main(acdc_args(acdc_root, acdc_reference.parent, "ref"))
-    assert "already holds a run" in str(e.value.code) and "--resume" in str(e.value.code)
+    msg = str(e.value.code)
+    assert "already holds a run" in msg and "--resume" in msg and "--overwrite" in msg and "\n" not in msg
     assert time.perf_counter() - t0 < 5
+    assert (acdc_reference / "latest.pth").stat().st_mtime_ns == stamp
 
 
 def test_overwrite_replaces_the_old_run(acdc_root, acdc_reference, tmp_path, one_thread):
     old = tmp_path / "ACDC_ow_1_labeled"
     shutil.copytree(acdc_reference, old)
+    (old / "latest.pth.stale.tmp").write_bytes(b"x")
     train_acdc.main(acdc_args(acdc_root, tmp_path, "ow", "--overwrite", iters=1))
     assert sorted(p.name for p in old.glob("*.pth")) == ["iter_1.pth", "latest.pth"]
+    assert not list(old.glob("*.tmp")) and not (old / "config_resume.json").exists()
+    assert load_checkpoint(old / "latest.pth")["iteration"] == 1
 
 
-def test_overwrite_keeps_the_old_run_when_the_data_is_bad(acdc_root, acdc_reference, tmp_path):
+@pytest.mark.parametrize("bad_data", ["missing root", "NaN in a slice"])
+def test_overwrite_keeps_the_old_run_when_the_data_is_bad(acdc_root, acdc_reference, tmp_path, bad_data):
+    """--overwrite deletes the old run only after the data is loaded and checked: a refusal for bad data, also
+    one found when the training set reads its cases, leaves the old run folder as it was."""
     old = tmp_path / "ACDC_ow_1_labeled"
     shutil.copytree(acdc_reference, old)
-    with pytest.raises(SystemExit, match="root not found"):
-        train_acdc.main(acdc_args(tmp_path / "missing", tmp_path, "ow", "--overwrite", iters=1))
-    assert (old / f"iter_{ACDC_ITERS}.pth").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in old.iterdir()}
+    if bad_data == "missing root":
+        root, expected = tmp_path / "missing", "no such folder"
+    else:
+        root = shutil.copytree(acdc_root, tmp_path / "ACDC")
+        name = (root / "train_slices.list").read_text().split()[40]
+        path = root / "data" / "slices" / f"{name}.h5"
+        with h5py.File(path, "r+") as h:
+            image = h["image"][()]
+            image[1, 2] = float("nan")
+            h["image"][...] = image
+        expected = "non-finite values"
+    with pytest.raises(SystemExit) as e:
+        train_acdc.main(acdc_args(root, tmp_path, "ow", "--overwrite", iters=1))
+    assert expected in str(e.value.code)
+    assert {p.name: p.stat().st_mtime_ns for p in old.iterdir()} == before
 
 
-def test_resume_of_a_finished_run_says_so_and_trains_nothing(acdc_root, acdc_reference, tmp_path, capsys):
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(acdc_root, acdc_reference, tmp_path, capsys,
+                                                             monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(train_acdc, "train_iteration", no_training)
+    monkeypatch.setattr(train_acdc, "TrainSet", no_training)
     run_dir = tmp_path / "ACDC_done_1_labeled"
     shutil.copytree(acdc_reference, run_dir)
     final = run_dir / f"iter_{ACDC_ITERS}.pth"
-    stamp = final.stat().st_mtime_ns
+    stamps = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     t0 = time.perf_counter()
     assert train_acdc.main(acdc_args(acdc_root, tmp_path, "done", "--resume")) == run_dir  # returns: exit 0
     assert time.perf_counter() - t0 < 5
     assert "already finished" in capsys.readouterr().err
-    assert final.stat().st_mtime_ns == stamp and not (run_dir / "config_resume.json").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == stamps  # nothing written
     # killed between latest.pth and the final checkpoint: the final one is written from latest.pth
     final.unlink()
     train_acdc.main(acdc_args(acdc_root, tmp_path, "done", "--resume"))
     assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", final)
+    assert not (run_dir / "config_resume.json").exists() and not list(run_dir.glob("*.tmp"))
 
 
 def test_resume_of_a_finished_run_exits_0_through_the_cli(acdc_root, acdc_reference):
+    stamp = (acdc_reference / f"iter_{ACDC_ITERS}.pth").stat().st_mtime_ns
     res = subprocess.run([sys.executable, str(CODE / "train_acdc.py"),
                           *acdc_args(acdc_root, acdc_reference.parent, "ref", "--resume")],
                          env=child_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "already finished" in res.stderr and "nothing to train" in res.stderr
+    assert "already finished" in res.stderr and f"{ACDC_ITERS} of {ACDC_ITERS} iterations" in res.stderr
+    assert (acdc_reference / f"iter_{ACDC_ITERS}.pth").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("flags, shown", [
@@ -272,6 +399,7 @@ def test_resume_refuses_flags_that_change_the_method(acdc_root, acdc_reference, 
     run_dir = tmp_path / "ACDC_chg_1_labeled"
     shutil.copytree(acdc_reference, run_dir)
     (run_dir / f"iter_{ACDC_ITERS}.pth").unlink()
+    stamp = (run_dir / "latest.pth").stat().st_mtime_ns
     argv = acdc_args(acdc_root, tmp_path, "chg", "--resume")
     for flag, value in zip(flags[::2], flags[1::2]):  # replace or append
         if flag in argv:
@@ -283,44 +411,88 @@ def test_resume_refuses_flags_that_change_the_method(acdc_root, acdc_reference, 
     msg = str(e.value.code)
     assert msg.startswith("error: --resume: flags that change the method differ") and shown in msg, msg
     assert "\n" not in msg
+    assert (run_dir / "latest.pth").stat().st_mtime_ns == stamp and not (run_dir / "config_resume.json").exists()
 
 
-def test_resume_warns_about_other_flags(acdc_root, acdc_reference):
-    from utils.run import compare_resume_args
+def other_value(v):
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v + 1
+    if isinstance(v, str):
+        return v + "_other"
+    if isinstance(v, list):
+        return [x * 2 for x in v]
+    if v is None:
+        return 5
+    raise TypeError(type(v))
+
+
+def test_resume_refuses_every_other_differing_flag(acdc_root, acdc_reference, monkeypatch, one_thread):
+    """Every saved flag outside RESUME_MAY_DIFFER refuses the resume when it differs; those inside give a
+    warning."""
+    path = acdc_reference / "latest.pth"
+    saved = load_checkpoint(path)
+    monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda *a, **k: saved)  # the same file, read once
+    args = train_acdc.parse_args(acdc_args(acdc_root, acdc_reference.parent, "ref", "--resume"))
+    assert load_resume(path, args, 1)[1] == []  # the original flags: no refusal, no warning
+    method_flags = sorted(set(saved["args"]) - RESUME_MAY_DIFFER)
+    assert {"seed", "base_lr", "eta", "cutmix_p", "conf_thresh", "patch_size", "batch_size", "labeled_bs",
+            "optimizer", "max_iterations", "amp", "method", "no_ip", "drop_strong"} <= set(method_flags)
+    for k in method_flags:
+        changed = Namespace(**{**vars(args), k: other_value(getattr(args, k))})
+        with pytest.raises(SystemExit) as e:
+            load_resume(path, changed, 1)
+        assert f"--{k} {getattr(changed, k)} (saved {saved['args'][k]})" in str(e.value.code), (k, e.value.code)
+    for k in sorted(RESUME_MAY_DIFFER & set(saved["args"]) - {"resume", "overwrite", "print_config", "print_run_dir"}):
+        changed = Namespace(**{**vars(args), k: other_value(getattr(args, k))})
+        _, warnings = load_resume(path, changed, 1)
+        assert warnings == [f"--resume: --{k} {getattr(changed, k)} (saved {saved['args'][k]})"], (k, warnings)
+
+
+def test_resume_warns_about_other_flags_and_another_thread_count(acdc_root, acdc_reference):
     args = train_acdc.parse_args(acdc_args(acdc_root, acdc_reference.parent, "ref", "--resume", workers=3)
                                  + ["--log_every", "5"])
-    warnings = compare_resume_args(args, load_checkpoint(acdc_reference / "latest.pth"))
-    assert any("--num_workers 3 (saved 0)" in w for w in warnings)
-    assert any("--log_every 5 (saved 10)" in w for w in warnings)
-    # another intra-op thread count: allowed, with a warning that the sums will be ordered differently
-    from utils.run import load_resume
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     try:
-        ckpt = load_resume(args, torch.device("cpu"), 1)
+        _, warnings = load_resume(acdc_reference / "latest.pth", args, 1)
     finally:
         torch.set_num_threads(before)
-    assert load_checkpoint(acdc_reference / "latest.pth")["num_threads"] == 1
-    assert any("2 intra-op CPU threads, the saved run used 1" in w for w in ckpt["resume_warnings"])
+    assert any("--num_workers 3 (saved 0)" in w for w in warnings)
+    assert any("--log_every 5 (saved 10)" in w for w in warnings)
+    assert len(warnings) == 2, warnings
+    # another intra-op thread count: allowed, with a warning that the continuation is not bit-identical
+    torch.set_num_threads(2)
+    try:
+        ckpt, warnings = load_resume(acdc_reference / "latest.pth", args, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert ckpt["num_threads"] == 1 and ckpt["iteration"] == ACDC_ITERS
+    assert any("2 CPU threads, the saved run used 1" in w and "OMP_NUM_THREADS=1" in w for w in warnings), warnings
 
 
 def test_resume_refuses_another_number_of_processes(acdc_root, acdc_reference, tmp_path):
     run_dir = tmp_path / "ACDC_w_1_labeled"
     shutil.copytree(acdc_reference, run_dir)
+    (run_dir / f"iter_{ACDC_ITERS}.pth").unlink()
     state = load_checkpoint(run_dir / "latest.pth")
     state["world_size"] = 2
     save_checkpoint(state, run_dir / "latest.pth")
-    with pytest.raises(SystemExit, match="trained by 2 process"):
+    with pytest.raises(SystemExit, match=r"trained by 2 process\(es\), this command runs 1") as e:
         train_acdc.main(acdc_args(acdc_root, tmp_path, "w", "--resume"))
+    assert str(e.value.code).startswith("error: --resume: ") and "\n" not in str(e.value.code)
+    assert not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_holds_what_resume_needs(acdc_reference):
     state = load_checkpoint(acdc_reference / "latest.pth")
-    assert {"model", "optimizer", "scaler", "iteration", "args", "task", "world_size", "num_threads"} <= set(state)
-    assert state["iteration"] == ACDC_ITERS and state["task"] == "acdc" and state["world_size"] == 1
+    assert set(state) == {"model", "optimizer", "iteration", "args", "world_size", "num_threads"}
+    assert state["iteration"] == ACDC_ITERS and state["args"]["task"] == "acdc" and state["world_size"] == 1
     assert any(k.endswith("running_mean") for k in state["model"])  # buffers too
     assert state["optimizer"]["state"] and state["args"]["seed"] == 1337
+    assert state["num_threads"] == 1
 
 
 def test_failed_write_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
@@ -342,15 +514,14 @@ def test_failed_write_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, monke
     # a write killed at the same point (SIGKILL: no cleanup) leaves a temp file; resume removes it
     orphan = tmp_path / "latest.pth.abc123.tmp"
     orphan.write_bytes(b"PK\x03\x04 half")
-    assert remove_stale_temp_files(tmp_path) == [orphan] and not orphan.exists()
+    other = tmp_path / "notes.tmp"  # not a checkpoint's temp file: kept
+    other.write_text("x")
+    assert remove_temp_files(tmp_path) == [orphan.name] and not orphan.exists() and other.exists()
     assert load_checkpoint(path)["iteration"] == 1
 
 
 def test_non_finite_weights_are_never_written(tmp_path, acdc_reference):
-    from argparse import Namespace
-
     from networks import build_model
-    from utils.run import save_run_checkpoint
     path = tmp_path / "latest.pth"
     shutil.copy(acdc_reference / "latest.pth", path)
     before = path.read_bytes()
@@ -358,7 +529,10 @@ def test_non_finite_weights_are_never_written(tmp_path, acdc_reference):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with torch.no_grad():
         next(model.parameters())[0].fill_(float("nan"))
-    with pytest.raises(SystemExit, match="non-finite weights after iteration 9"):
-        save_run_checkpoint(path, model, opt, torch.amp.GradScaler("cpu", enabled=False), 9,
-                            Namespace(task="acdc", seed=1))
+    with pytest.raises(SystemExit) as e:
+        save_training_state(path, model, opt, 9, Namespace(task="acdc", seed=1))
+    msg = str(e.value.code)
+    assert msg.startswith("error: non-finite weights after iteration 9") and "last checkpoint is kept" in msg
+    assert str(path) in msg and "\n" not in msg
     assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]

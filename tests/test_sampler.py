@@ -1,8 +1,10 @@
+"""utils/sampler.py: the two-stream batches (composition, epochs, resume, ranks) and their collate function."""
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.sampler import TwoStreamBatchSampler, aug_seed
+from utils.sampler import AUG_TAG, TwoStreamBatchSampler, collate_two_stream
 
 LAB = list(range(10))
 UNL = list(range(10, 30))
@@ -83,26 +85,65 @@ def test_one_stream_only():
     assert all(len(b) == 2 for b in s)
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(labeled_idxs=[]), "labeled_idxs is empty"),
-    (dict(unlabeled_idxs=[]), "unlabeled_idxs is empty"),
-    (dict(labeled_bs=0, unlabeled_bs=0), "must be > 0"),
-    (dict(unlabeled_idxs=[9, 10, 11]), "overlap"),
-    (dict(labeled_idxs=[1, 1, 2]), "duplicate"),
-    (dict(rank=2, world_size=2), "rank"),
-    (dict(start_iteration=41), "start_iteration"),
-    (dict(labeled_bs=-1), "labeled_bs"),
-    (dict(seed=-5), "seed"),
-])
-def test_argument_errors(kw, msg):
-    with pytest.raises(ValueError, match=msg):
-        make(**kw)
+def test_a_stream_with_a_batch_size_needs_samples():
+    with pytest.raises(ValueError, match="no samples"):
+        make(labeled_idxs=[])
+    with pytest.raises(ValueError, match="no samples"):
+        make(unlabeled_idxs=[])
 
 
-def test_aug_seed_is_pure():
-    assert aug_seed(1, 2, 0, 3) == aug_seed(1, 2, 0, 3)
-    assert len({aug_seed(1, it, r, s) for it in range(5) for r in range(2) for s in range(4)}) == 40
-    assert all(0 <= aug_seed(7, 3, 1, s) < 2 ** 63 for s in range(8))
+def test_batches_follow_the_documented_formula():
+    """Sample j of stream s at iteration it on rank r sits at position p = (it * world + r) * bs + j of the
+    stream's sequence of epochs (epoch e = default_rng([seed, s, e]).permutation(n)); its augmentation seed is
+    SeedSequence([seed, it, r, slot, AUG_TAG]) shifted to 63 bits."""
+    lab, unl = [3, 1, 4], [10, 15, 19, 12, 17]
+    seed, world = 99, 3
+    for rank in range(world):
+        s = TwoStreamBatchSampler(lab, unl, 2, 4, seed=seed, num_iterations=6, rank=rank, world_size=world)
+        for it in (0, 1, 5):
+            expected = []
+            for stream, (idxs, bs) in enumerate(((lab, 2), (unl, 4))):
+                for j in range(bs):
+                    p = (it * world + rank) * bs + j
+                    perm = np.random.default_rng([seed, stream, p // len(idxs)]).permutation(len(idxs))
+                    slot = len(expected)
+                    state = np.random.SeedSequence([seed, it, rank, slot, AUG_TAG]).generate_state(1, np.uint64)[0]
+                    expected.append((idxs[perm[p % len(idxs)]], int(state) >> 1))
+            assert s.batch(it) == expected, (rank, it)
+
+
+def test_aug_seeds_are_pure_and_distinct():
+    s = make(num_iterations=5, world_size=2)
+    t = make(num_iterations=5, world_size=2, rank=1)
+    seeds = [sd for smp in (s, t) for it in range(5) for _, sd in smp.batch(it)]
+    assert len(set(seeds)) == len(seeds) == 50                 # per iteration, rank and slot
+    assert all(0 <= sd < 2 ** 63 for sd in seeds)
+    assert [sd for _, sd in make(num_iterations=5, world_size=2).batch(3)] == [sd for _, sd in s.batch(3)]
+
+
+def sample(kind, index, shape):
+    x = torch.full((1, *shape), float(index))
+    if kind == "l":
+        return {"kind": "l", "index": index, "image": x, "label": torch.full(shape, index % 4, dtype=torch.int64)}
+    return {"kind": "u", "index": index, "image_w": x, "image_s1": x + 0.5, "image_s2": x + 0.25}
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 2)])
+def test_collate_two_stream(shape):
+    b = collate_two_stream([sample("l", 1, shape), sample("u", 7, shape), sample("l", 2, shape),
+                            sample("u", 9, shape), sample("u", 8, shape)])
+    assert b["x_l"].shape == (2, 1, *shape) and b["y_l"].shape == (2, *shape) and b["y_l"].dtype == torch.int64
+    for k in ("x_w", "x_s1", "x_s2"):
+        assert b[k].shape == (3, 1, *shape) and b[k].dtype == torch.float32
+    assert b["idx_l"].tolist() == [1, 2] and b["idx_u"].tolist() == [7, 9, 8]
+    assert b["x_l"].flatten(1)[:, 0].tolist() == [1, 2] and b["x_s1"].flatten(1)[:, 0].tolist() == [7.5, 9.5, 8.5]
+    assert b["y_l"][1].unique().tolist() == [2] and b["x_s2"][2].unique().tolist() == [8.25]
+    # one stream empty (supervised training; a purely unlabeled batch): empty tensors of the right shape
+    sup = collate_two_stream([sample("l", 0, shape), sample("l", 3, shape)])
+    assert sup["x_w"].shape == sup["x_s2"].shape == (0, 1, *shape) and sup["idx_u"].shape == (0,)
+    assert torch.cat([sup["x_l"], sup["x_w"]]).shape == (2, 1, *shape)
+    uns = collate_two_stream([sample("u", 5, shape)])
+    assert uns["x_l"].shape == (0, 1, *shape) and uns["y_l"].shape == (0, *shape) and uns["y_l"].dtype == torch.int64
 
 
 class Echo(Dataset):

@@ -1,4 +1,4 @@
-"""Feature-level perturbations P_w and P_s of CrossMatch (SPEC.md 1).
+"""Feature-level perturbations P_w and P_s of CrossMatch (docs/METHOD.md).
 
 Channel dropout on every encoder output level (all skip features and the bottleneck), with an independent
 mask per level and per sample. ``expand`` stacks the perturbed copies on the batch axis so that one decoder

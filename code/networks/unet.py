@@ -1,8 +1,7 @@
 """The 2D U-Net of the SSL4MIS lineage (channels 16-32-64-128-256; 1,813,764 parameters for 1 -> 4 classes).
 
 Blocks of two conv-BN-LeakyReLU with dropout between them (encoder rates 0.05/0.1/0.2/0.3/0.5, decoder 0),
-max-pool down, 1x1 conv + bilinear up, concatenated skips, a 3x3 output convolution. The LeakyReLUs work
-in place (nothing else needs the batch-norm outputs), which keeps one map less per activation for backward.
+max-pool down, 1x1 conv + bilinear up, concatenated skips, a 3x3 output convolution.
 ``forward(x, n_pert=n)`` is CrossMatch's feature-perturbed forward: see networks/feature_perturbation.py."""
 import torch
 from torch import nn
@@ -12,9 +11,9 @@ from .feature_perturbation import FeaturePerturbation
 
 def conv_block(c_in: int, c_out: int, p_drop: float) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(inplace=True),
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(),
         nn.Dropout(p_drop),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(inplace=True))
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU())
 
 
 class UpBlock(nn.Module):

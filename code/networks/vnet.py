@@ -3,20 +3,9 @@
 Encoder stages of 1-2-3-3-3 convolutions joined by stride-2 convolutions, decoder stages of 3-3-2-1
 joined by stride-2 transposed convolutions, additive skips, Dropout3d(0.5) on the bottleneck and before the
 output convolution when ``has_dropout``. ``forward(x, n_pert=n)`` is CrossMatch's feature-perturbed forward:
-see networks/feature_perturbation.py.
-
-Two rewrites keep less for the backward pass without changing a single output or gradient bit (tested in
-tests/test_networks.py against the plain modules); they matter because the decoder of a CrossMatch
-iteration runs on four times the batch at full resolution (docs/PERFORMANCE.md):
-- the ReLU of each up block keeps a 1-byte mask instead of its 4-byte result (that result only feeds the
-  skip addition, so nothing else keeps it);
-- in training, Dropout3d + the 1x1x1 output convolution are recomputed in the backward pass
-  (torch.utils.checkpoint, the dropout mask replayed from the saved RNG state), so the dropped-out copy of
-  the last decoder features is not kept; its input is kept by the ReLU anyway.
-Under torch.compile both fall back to the plain modules (the compiler plans the memory itself)."""
+see networks/feature_perturbation.py."""
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .feature_perturbation import FeaturePerturbation
 
@@ -32,31 +21,8 @@ def down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
-class _ReLUKeepMask(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x.relu_()
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x > 0)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        mask, = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0)
-
-
-class ReLUKeepMask(nn.Module):
-    """In-place ReLU whose backward keeps the boolean mask (1 byte per element), not the result."""
-
-    def forward(self, x):
-        if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
-            return _ReLUKeepMask.apply(x)
-        return torch.relu_(x)   # eval, or traced by torch.compile (which plans its own memory)
-
-
 def up(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), ReLUKeepMask())
+    return nn.Sequential(nn.ConvTranspose3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
 class VNet(nn.Module):
@@ -104,13 +70,9 @@ class VNet(nn.Module):
         x = self.dec3(self.up4(x) + x3)
         x = self.dec2(self.up3(x) + x2)
         x = self.dec1(self.up2(x) + x1)
-        if self.has_dropout and self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return checkpoint(self.head, x, use_reentrant=False)
-        return self.head(x)
-
-    def head(self, x):
-        """Dropout3d (when ``has_dropout``) and the 1x1x1 output convolution."""
-        return self.out_conv(self.dropout(x) if self.has_dropout else x)
+        if self.has_dropout:
+            x = self.dropout(x)
+        return self.out_conv(x)
 
     def forward(self, x, n_pert: int = 0):
         """Logits for x; with n_pert=n, logits for [x, P_w(last n of x), P_s(last n of x)] (batch B + 2n)."""

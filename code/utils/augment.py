@@ -1,4 +1,4 @@
-"""Weak and strong image perturbations (SPEC.md section 2), numpy in / numpy out.
+"""Weak and strong image perturbations (docs/METHOD.md, settings), numpy in / numpy out.
 
 Every function takes a ``numpy.random.Generator`` and draws all its random choices from it, so the
 same generator state gives the same output. Images come out float32 and C-contiguous, labels keep
@@ -13,23 +13,6 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
-
-# ----------------------------------------------------------------------------------------------------
-# helpers
-
-
-def _check_patch(patch: Sequence[int], ndim: int) -> tuple[int, ...]:
-    patch = tuple(int(p) for p in patch)
-    if len(patch) != ndim or min(patch) < 1:
-        raise ValueError(f"patch must be {ndim} positive ints, got {patch}")
-    return patch
-
-
-def _check_pair(image: np.ndarray, label: np.ndarray | None, ndim: int) -> None:
-    if image.ndim != ndim:
-        raise ValueError(f"expected a {ndim}D image, got shape {image.shape}")
-    if label is not None and label.shape != image.shape:
-        raise ValueError(f"image shape {image.shape} and label shape {label.shape} differ")
 
 
 def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -109,7 +92,6 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int
                 rng: np.random.Generator):
     """Random crop to ``patch``; axes shorter than the patch are first zero-padded symmetrically
     (image and label, constant 0). Returns C-contiguous copies."""
-    patch = _check_patch(patch, image.ndim)
     image = _pad_to(image, patch)
     if label is not None:
         label = _pad_to(label, patch)
@@ -129,7 +111,6 @@ def weak_3d(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int],
 
     As in UA-MT the flip is always applied, so the orientation is one of the 4 reflections of the
     axial square (never the identity or a pure rotation)."""
-    _check_pair(image, label, 3)
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
     image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
@@ -143,8 +124,6 @@ def strong_3d(image: np.ndarray, rng: np.random.Generator, p_intensity: float = 
     """LA strong view of a (weak) volume: with ``p_intensity`` a smooth multiplicative bias field and a
     random gamma (log gamma ~ U(-0.5, 0.5)) on intensities rescaled to [0, 1] and mapped back; with
     ``p_blur`` a Gaussian blur, sigma ~ U(0.1, 2). Shape kept, float32 out, input untouched."""
-    if image.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {image.shape}")
     out = np.array(image, dtype=np.float32, copy=True, order="C")
     if rng.random() < p_intensity:
         out = _bias_and_gamma(out, rng)
@@ -162,8 +141,6 @@ def weak_2d(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int],
     """ACDC weak view (SSL4MIS RandomGenerator): with p 0.5 rot90 (k in 0..3) + flip along a random
     axis, else with p 0.5 a rotation by U(-20, 20) degrees (nearest, same shape, zero fill); then zoom
     to ``patch`` with nearest-neighbour (order 0) interpolation for image and label."""
-    _check_pair(image, label, 2)
-    patch = _check_patch(patch, 2)
     if rng.random() > 0.5:
         k = int(rng.integers(0, 4))
         axis = int(rng.integers(0, 2))
@@ -187,8 +164,6 @@ def strong_2d(image: np.ndarray, rng: np.random.Generator, p_jitter: float = 0.8
     """ACDC strong view of a (weak) slice in [0, 1]: with ``p_jitter`` brightness (x U(0.5, 1.5)) and
     contrast (blend with the mean by U(0.5, 1.5)) in random order, clipped to [0, 1] after each, as
     torchvision ColorJitter does on a gray image; with ``p_blur`` a Gaussian blur, sigma ~ U(0.1, 2)."""
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2D slice, got shape {image.shape}")
     out = np.array(image, dtype=np.float32, copy=True, order="C")
     if rng.random() < p_jitter:
         brightness = np.float32(rng.uniform(1.0 - strength, 1.0 + strength))

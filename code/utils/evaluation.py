@@ -1,229 +1,198 @@
-"""What ``test_la.py`` and ``test_acdc.py`` share: finding and loading the checkpoint, the list file,
-the 2D slice-wise inference, post-processing, the printed table and the files written next to a run
-(``metrics.csv``, ``summary.json``, ``png/<case>.png``, ``predictions/<case>_{img,gt,pred}.nii.gz``).
+"""What test_la.py and test_acdc.py share: the flags, the checks before any work, inference (LA sliding
+window, ACDC slice by slice), the printed table and the files written (docs/PROTOCOL.md).
 
-The evaluated checkpoint of a run folder is its final one, ``iter_<max_iterations>.pth`` (SPEC.md 4); a
-"best" checkpoint is never looked at.
+The evaluated checkpoint of a run folder is its final one, ``iter_<max_iterations>.pth``; a "best" checkpoint
+is never looked at. Results go into ``eval_<list name>/`` beside the checkpoint (or --out): ``metrics.csv``,
+``summary.json``, ``png/<case>.png`` and, with --save_nii, ``predictions/<case>_{img,gt,pred}.nii.gz``.
 """
-import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
-from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
-from typing import Optional, Sequence
+from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
-from skimage import io as skio
-from skimage.segmentation import find_boundaries
 
 from networks import build_model
-
-from .checkpoint import load_checkpoint
-from .data_la import read_list
-from .metrics import EMPTY_DISTANCE_OPTIONS, METRICS
-from .paths import resolve
-from .allocator import add_malloc_arg
-from .run import AMP_DTYPES, pick_device
-
-ITER_FILE = re.compile(r"iter_(\d+)\.pth")
+from utils import resolve
+from utils.checkpoint import CheckpointError, load_checkpoint, load_weights
+from utils.data import DataError, case_path, find_list, read_list
+from utils.flags import ArgumentParser
+from utils.metrics import EMPTY_DISTANCE_OPTIONS, METRICS
+from utils.training import pick_device
 
 
-class EvaluationError(RuntimeError):
-    """A run folder, checkpoint or list that cannot be evaluated; the message names the file."""
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------- checkpoint
-def _final_iteration(run_dir: Path, newest: Path) -> Optional[int]:
-    """max_iterations of the run: from config.json (top level, then its 'args'), else the newest checkpoint's args."""
-    config = run_dir / "config.json"
-    if config.is_file():
-        try:
-            cfg = json.loads(config.read_text())
-        except json.JSONDecodeError as e:
-            raise EvaluationError(f"{config}: not valid JSON ({e})") from None
-        for source in (cfg, cfg.get("args") or {}):
-            if "max_iterations" in source:
-                return int(source["max_iterations"])
-    args = load_checkpoint(newest).get("args") or {}
-    return int(args["max_iterations"]) if "max_iterations" in args else None
-
-
-def find_checkpoint(run_dir) -> Path:
-    """The run's final checkpoint ``iter_<max_iterations>.pth``; if it is missing (or max_iterations unknown),
-    the highest ``iter_<N>.pth`` with a warning."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise EvaluationError(f"run folder {run_dir}: no such folder")
-    found = {int(m.group(1)): p for p in run_dir.iterdir() if (m := ITER_FILE.fullmatch(p.name))}
-    if not found:
-        raise EvaluationError(f"run folder {run_dir}: no iter_<N>.pth checkpoint in it")
-    newest = found[max(found)]
-    final = _final_iteration(run_dir, newest)
-    if final in found:
-        return found[final]
-    reason = "max_iterations is unknown" if final is None else f"iter_{final}.pth does not exist (unfinished run?)"
-    warn(f"run folder {run_dir}: {reason}; evaluating the highest checkpoint, {newest.name}")
-    return newest
-
-
-def locate_checkpoint(run: Optional[str], ckpt: Optional[str], out: Optional[str]) -> tuple:
-    """``(checkpoint path, output folder)`` from the --run / --ckpt / --out flags: a run folder gives its
-    final checkpoint and is the default output folder; a checkpoint file writes next to itself."""
-    if run is not None:
-        path = find_checkpoint(resolve(run))
-    else:
-        path = resolve(ckpt)
-        if not path.is_file():
-            raise EvaluationError(f"checkpoint {path}: no such file")
-    return path, resolve(out) if out is not None else path.parent
-
-
-def load_model(path: Path, task: str, device: torch.device) -> tuple:
-    """``(model in eval mode on device, checkpoint dict)``; warns when the checkpoint is not the run's final one."""
-    state = load_checkpoint(path)
-    args = state.get("args") or {}
-    if args.get("task", task) != task:
-        raise EvaluationError(f"checkpoint {path}: trained for task {args['task']!r}, not {task!r}")
-    final = args.get("max_iterations")
-    if final is not None and state.get("iteration") != final:
-        warn(f"checkpoint {path}: iteration {state.get('iteration')} is not the final one ({final})")
-    model = build_model(task)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise EvaluationError(f"checkpoint {path}: its weights do not fit the {task} network: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), state
-
-
-# --------------------------------------------------------------------------------------------- setup, CLI
-def add_eval_args(p: argparse.ArgumentParser, n_dims: int) -> None:
+# --------------------------------------------------------------------------------------------- set-up
+def eval_parser(description: str, n_dims: int) -> ArgumentParser:
     """The flags both test scripts share."""
+    p = ArgumentParser(description=description)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run folder: evaluates its final checkpoint iter_<max_iterations>.pth")
     src.add_argument("--ckpt", help="a checkpoint file (results go next to it unless --out)")
-    p.add_argument("--root_path", help="data root (default: the checkpoint's root_path, else the task's folder in data/)")
-    p.add_argument("--list", default="test.list", help="list file: a name inside the data root, or a path")
+    p.add_argument("--root_path", help="data root (default: the checkpoint's root_path)")
+    p.add_argument("--list", default="test.list", help="list of cases: a name inside the data root, or a path")
+    p.add_argument("--out", help="output folder (default: eval_<list name> beside the checkpoint)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast precision of the forward pass")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast of the forward pass")
     p.add_argument("--patch_size", type=int, nargs=n_dims, help="network input size (default: the checkpoint's)")
-    p.add_argument("--empty_distance", choices=list(EMPTY_DISTANCE_OPTIONS), default="nan",
-                   help="hd95/asd of an empty prediction: nan = undefined, left out of the means (default); "
+    p.add_argument("--empty_distance", choices=EMPTY_DISTANCE_OPTIONS, default="nan",
+                   help="95HD/ASD of an empty prediction: nan = undefined, left out of the means (default); "
                         "zero = scored 0, the lineage's flattering habit")
     p.add_argument("--save_nii", action="store_true", help="write predictions/<case>_{img,gt,pred}.nii.gz")
-    p.add_argument("--png", dest="png", action="store_true", default=True, help="write png/<case>.png (default)")
-    p.add_argument("--no_png", dest="png", action="store_false", help="no PNG overlays")
-    p.add_argument("--out", help="output folder (default: the run folder, or the checkpoint's folder)")
-    add_malloc_arg(p)
+    p.add_argument("--no_png", dest="png", action="store_false", help="no png/<case>.png overlays")
+    return p
 
 
-@dataclass
-class EvalSetup:
-    """Everything a test script needs before its loop over cases."""
-    checkpoint: Path
-    out_dir: Path
-    device: torch.device
-    model: torch.nn.Module
-    state: dict
-    root: Path
-    list_path: Path
-    cases: list
-    patch_size: tuple
-    amp_dtype: Optional[torch.dtype]
-
-    def info(self, args) -> dict:
-        """The summary.json entries that say what was evaluated and how."""
-        final = (self.state.get("args") or {}).get("max_iterations")
-        return dict(checkpoint=str(self.checkpoint), iteration=self.state.get("iteration"), max_iterations=final,
-                    final_checkpoint=final is not None and self.state.get("iteration") == final, root_path=str(self.root),
-                    list=str(self.list_path), patch_size=list(self.patch_size), device=str(self.device),
-                    amp=args.amp, empty_distance=args.empty_distance)
+def final_checkpoint(run_dir: Path) -> Path:
+    """The run's ``iter_<max_iterations>.pth`` (max_iterations from config.json); without it, the highest
+    ``iter_<N>.pth`` with a warning."""
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir}: no such folder")
+    found = {int(m.group(1)): p for p in run_dir.iterdir() if (m := re.fullmatch(r"iter_(\d+)\.pth", p.name))}
+    if not found:
+        raise CheckpointError(f"run folder {run_dir}: no iter_<N>.pth checkpoint in it")
+    try:
+        final = json.loads((run_dir / "config.json").read_text())["args"]["max_iterations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        final = None
+    if final in found:
+        return found[final]
+    why = f"iter_{final}.pth is missing (unfinished run?)" if final else "no config.json with max_iterations"
+    print(f"warning: run folder {run_dir}: {why}; evaluating the highest checkpoint, {found[max(found)].name}",
+          file=sys.stderr)
+    return found[max(found)]
 
 
-def prepare(args, task: str, default_root: Path, default_patch: Sequence[int]) -> EvalSetup:
-    """Checkpoint, model, data root, list and patch size from the flags, falling back to the checkpoint's
-    training flags, then to the defaults."""
-    checkpoint, out_dir = locate_checkpoint(args.run, args.ckpt, args.out)
+def prepare(args, task: str) -> SimpleNamespace:
+    """Everything the evaluation loop needs, every check done first: the checkpoint, the data root, the list and
+    its case files, a writable output folder, then the model (finite weights) on the device."""
     device = pick_device(args.device)
-    model, state = load_model(checkpoint, task, device)
+    path = final_checkpoint(resolve(args.run)) if args.run else resolve(args.ckpt)
+    state = load_checkpoint(path)
     train_args = state.get("args") or {}
-    root = resolve(args.root_path or train_args.get("root_path") or default_root)
-    if not root.is_dir():
-        raise EvaluationError(f"data root {root}: no such folder (pass --root_path)")
-    list_path = resolve_list(root, args.list)
-    patch_size = tuple(args.patch_size or train_args.get("patch_size") or default_patch)
-    return EvalSetup(checkpoint, out_dir, device, model, state, root, list_path, read_list(list_path), patch_size,
-                     AMP_DTYPES[args.amp])
+    if train_args.get("task", task) != task:
+        raise CheckpointError(f"checkpoint {path}: trained for {train_args['task']!r}, not {task!r}")
+    patch_size = args.patch_size or train_args.get("patch_size")
+    if not patch_size:
+        raise CheckpointError(f"checkpoint {path}: no patch_size in its training flags; pass --patch_size")
+    root = resolve(args.root_path or train_args.get("root_path") or f"data/{task.upper()}")
+    list_path = find_list(root, args.list)
+    cases = read_list(list_path)
+    missing = [c for c in cases if not case_path(task, root, c).is_file()]
+    if missing:
+        raise DataError(f"list {list_path}: {len(missing)} case files missing, e.g. {case_path(task, root, missing[0])}")
+    out_dir = resolve(args.out) if args.out else path.parent / f"eval_{Path(args.list).stem}"
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise CheckpointError(f"output folder {out_dir}: {existing} is not a writable folder (pass --out)")
+    final = train_args.get("max_iterations")
+    if final is not None and state.get("iteration") != final:
+        print(f"warning: checkpoint {path}: iteration {state.get('iteration')} is not the final one ({final})",
+              file=sys.stderr)
+    model = build_model(task)
+    load_weights(model, state["model"], path)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {len(bad)} weight tensors are not finite, e.g. {bad[0]}")
+    return SimpleNamespace(checkpoint=path, iteration=state.get("iteration"), final=final, root=root,
+                           list_path=list_path, cases=cases, out_dir=out_dir, device=device,
+                           model=model.to(device).eval(),
+                           patch_size=tuple(patch_size),
+                           amp=torch.bfloat16 if args.amp == "bf16" else None)
 
 
-def resolve_list(root: Path, name: str) -> Path:
-    """A list given as a name inside the data root (``test.list``) or as a path."""
-    for candidate in (Path(root) / name, resolve(name)):
-        if candidate.is_file():
-            return candidate
-    raise EvaluationError(f"list {name}: neither {Path(root) / name} nor {resolve(name)} exists")
+def protocol(setup, args) -> dict:
+    """The summary.json entries that say what was evaluated and how."""
+    return dict(checkpoint=str(setup.checkpoint), iteration=setup.iteration, max_iterations=setup.final,
+                final_checkpoint=setup.final is not None and setup.iteration == setup.final,
+                root_path=str(setup.root), list=str(setup.list_path), patch_size=list(setup.patch_size),
+                device=str(setup.device), amp=args.amp, empty_distance=args.empty_distance)
 
 
-# ----------------------------------------------------------------------------------------------- inference
-def predict_volume_slices(model: torch.nn.Module, image, patch_size: Sequence[int] = (256, 256), device="cpu",
-                          batch_slices: int = 16, amp_dtype: Optional[torch.dtype] = None) -> np.ndarray:
-    """Slice-wise 2D prediction of a ``(D, H, W)`` volume, as the lineage's ``test_single_volume``: each slice
-    is zoomed to ``patch_size`` with ``scipy.ndimage.zoom(order=0)`` (nearest, also for the image), the argmax
-    of the logits (= of the softmax) is zoomed back with order 0. ``batch_slices`` slices per forward call;
-    the model is put in eval mode and left there.
-    Returns the ``(D, H, W)`` uint8 label map."""
+# ------------------------------------------------------------------------------------------- inference
+def window_starts(size: int, patch: int, stride: int) -> list:
+    """Window offsets along one axis (``size >= patch``): regular steps, the last one flush with the end."""
+    if size < patch:
+        raise ValueError(f"an axis of {size} voxels is smaller than the patch ({patch}): pad it first")
+    return [min(stride * i, size - patch) for i in range(math.ceil((size - patch) / stride) + 1)]
+
+
+def sliding_window(model, image, patch_size=(112, 112, 80), stride_xy=18, stride_z=4, device="cpu", sw_batch=1,
+                   amp_dtype=None) -> tuple:
+    """LA inference of one ``(X, Y, Z)`` volume: windows of ``patch_size`` at stride ``stride_xy`` (x, y) and
+    ``stride_z`` (z), a volume smaller than the patch zero-padded (odd extra voxel at the end) and cropped back,
+    softmax averaged over the windows covering each voxel. ``sw_batch`` windows per forward call.
+    Returns ``(probabilities (C, X, Y, Z) float32, label map (X, Y, Z) uint8)`` as numpy arrays."""
     image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"expected a (D, H, W) volume, got shape {image.shape}")
-    device = torch.device(device)
-    h, w = image.shape[1:]
-    ph, pw = patch_size
+    size = image.shape
+    before = [max(p - s, 0) // 2 for s, p in zip(size, patch_size)]
+    pads = [(b, max(p - s, 0) - b) for b, s, p in zip(before, size, patch_size)]
+    image = np.pad(image, pads, mode="constant")
+    starts = list(product(*(window_starts(s, p, t) for s, p, t in
+                            zip(image.shape, patch_size, (stride_xy, stride_xy, stride_z)))))
+    px, py, pz = patch_size
+    model.eval()
+    with torch.inference_mode():
+        volume = torch.from_numpy(image).to(device)
+        probs, count = None, torch.zeros(image.shape, device=device)
+        for i in range(0, len(starts), sw_batch):
+            chunk = starts[i:i + sw_batch]
+            x = torch.stack([volume[a:a + px, b:b + py, c:c + pz] for a, b, c in chunk])[:, None]
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                p = F.softmax(model(x).float(), dim=1)
+            if probs is None:
+                probs = torch.zeros((p.shape[1],) + image.shape, device=device)
+            for (a, b, c), pw in zip(chunk, p):
+                probs[:, a:a + px, b:b + py, c:c + pz] += pw
+                count[a:a + px, b:b + py, c:c + pz] += 1
+        probs = (probs / count)[(slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, size))]
+        return probs.cpu().numpy(), probs.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def predict_slices(model, image, patch_size=(256, 256), device="cpu", batch_slices=16, amp_dtype=None) -> np.ndarray:
+    """ACDC inference of one ``(D, H, W)`` volume: each slice zoomed to ``patch_size`` (order 0), the argmax
+    zoomed back (order 0), ``batch_slices`` slices per forward call. Returns the ``(D, H, W)`` uint8 label map."""
+    image = np.asarray(image, dtype=np.float32)
+    (h, w), (ph, pw) = image.shape[1:], patch_size
     slices = np.stack([ndimage.zoom(s, (ph / h, pw / w), order=0) for s in image])
     out = np.empty((len(image), ph, pw), dtype=np.uint8)
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(slices), batch_slices):
             x = torch.from_numpy(slices[i:i + batch_slices, None]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x)
-            out[i:i + batch_slices] = logits.float().argmax(dim=1).to(torch.uint8).cpu().numpy()
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out[i:i + batch_slices] = model(x).float().argmax(1).to(torch.uint8).cpu().numpy()
     return np.stack([ndimage.zoom(s, (h / ph, w / pw), order=0) for s in out])
 
 
 def largest_connected_component(mask) -> np.ndarray:
-    """The largest connected component of a binary mask (full connectivity: 26 neighbours in 3D, as the
-    lineage's skimage-based getLargestCC); an empty mask stays empty."""
+    """The largest connected component of a binary mask (full connectivity); an empty mask stays empty."""
     mask = np.asarray(mask) != 0
-    components, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+    components, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim))
     if n <= 1:
         return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return components == int(np.argmax(sizes)) + 1
+    return components == int(np.argmax(np.bincount(components.ravel())[1:])) + 1
 
 
-# ----------------------------------------------------------------------------------------------- reporting
+# ------------------------------------------------------------------------------------------- reporting
 def case_note(m: dict) -> str:
-    """The empty-case flag of one ``binary_metrics`` result in words ('' for an ordinary case)."""
-    for flag, text in (("empty_pred", "empty prediction"), ("empty_label", "empty label"), ("both_empty", "both empty")):
-        if m[flag]:
-            return text
-    return ""
+    """The empty-case flag of one result in words ('' for an ordinary case)."""
+    return next((text for flag, text in (("empty_pred", "empty prediction"), ("empty_label", "empty label"),
+                                         ("both_empty", "both empty")) if m[flag]), "")
 
 
 class Table:
-    """Fixed-width text table printed line by line: a name column, then one column per metric."""
+    """A fixed-width text table printed line by line: a name column, then one column per metric. Values below
+    0.001 print in scientific notation, so a tiny Dice does not read as 0."""
 
-    def __init__(self, name_width: int, columns: Sequence[str] = METRICS, width: int = 9):
+    def __init__(self, name_width: int, columns=METRICS, width: int = 10):
         self.name_width, self.columns, self.width = max(name_width, 4), list(columns), width
 
     def header(self) -> str:
@@ -231,60 +200,52 @@ class Table:
         return head + "\n" + "-" * len(head)
 
     def line(self, name: str, values: dict, note: str = "") -> str:
-        cells = "".join(f"{values[c]:.4f}".rjust(self.width) for c in self.columns)  # NaN prints as 'nan'
+        cells = "".join((f"{v:.4f}" if v == 0 or not 0 < abs(v) < 1e-3 else f"{v:.2e}").rjust(self.width)
+                        for v in (values[c] for c in self.columns))
         return (name.ljust(self.name_width) + cells + ("  " + note if note else "")).rstrip()
 
     def mean_std(self, name: str, summary: dict) -> str:
-        """Two lines: ``<name> mean`` and ``<name> std`` of a ``summarize`` result."""
+        """``<name> mean`` and ``<name> std`` lines of a summary."""
         std = {c: summary[c + "_std"] for c in self.columns}
         return self.line(f"{name} mean".strip(), summary) + "\n" + self.line(f"{name} std".strip(), std)
 
 
 def _json_safe(value):
-    """NaN -> null (strict JSON), numpy scalars -> Python, paths -> strings, recursively."""
+    """NaN -> null (strict JSON), numpy scalars -> Python, recursively."""
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def write_results(out_dir, rows: Sequence[dict], columns: Sequence[str], summary: dict) -> tuple:
-    """``metrics.csv`` (one row per case, or per case and class; NaN written as 'nan') and ``summary.json``
-    (NaN written as null) in ``out_dir``; returns their paths."""
-    out_dir = Path(out_dir)
+def write_results(out_dir: Path, rows: list, columns: list, summary: dict) -> tuple:
+    """``metrics.csv`` (a row per case, or per case and class) and ``summary.json`` (NaN as null)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / "metrics.csv", out_dir / "summary.json"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     json_path.write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
     return csv_path, json_path
 
 
-def save_nii(folder, case: str, image, label, pred) -> None:
-    """``<case>_img.nii.gz`` (float32), ``<case>_gt.nii.gz`` and ``<case>_pred.nii.gz`` (uint8), identity
-    affine (voxel units, array axes as stored)."""
-    folder = Path(folder)
+def save_nii(folder: Path, case: str, image, label, pred) -> None:
+    """``<case>_img.nii.gz``, ``<case>_gt.nii.gz``, ``<case>_pred.nii.gz`` with an identity affine (voxel units)."""
+    import nibabel as nib
     folder.mkdir(parents=True, exist_ok=True)
     for suffix, array, dtype in (("img", image, np.float32), ("gt", label, np.uint8), ("pred", pred, np.uint8)):
         nib.save(nib.Nifti1Image(np.asarray(array).astype(dtype), np.eye(4)), folder / f"{case}_{suffix}.nii.gz")
 
 
-LABEL_RGB, PRED_RGB, BOTH_RGB = (0, 255, 0), (255, 0, 0), (255, 255, 0)
-
-
-def save_overlay_png(path, image, label, pred, axis: int, n_slices: int = 3) -> None:
-    """A strip of ``n_slices`` slices along ``axis``: the image in gray (1st-99th percentile window), label
-    outlines green, prediction outlines red (yellow where they coincide). The slices are spread over the
-    extent of label and prediction along the axis (the whole axis if both are empty)."""
+def save_overlay_png(path: Path, image, label, pred, axis: int, n_slices: int = 3) -> None:
+    """``n_slices`` slices along ``axis`` side by side: the image in gray (1st-99th percentile), label outlines
+    green, prediction outlines red, yellow where they meet; the slices spread over where label or prediction is."""
+    from skimage import io
+    from skimage.segmentation import find_boundaries
     image, label, pred = (np.moveaxis(np.asarray(a), axis, 0) for a in (image, label, pred))
     present = np.flatnonzero((label != 0).any(axis=(1, 2)) | (pred != 0).any(axis=(1, 2)))
     lo, hi = (present[0], present[-1]) if present.size else (0, len(image) - 1)
@@ -295,7 +256,7 @@ def save_overlay_png(path, image, label, pred, axis: int, n_slices: int = 3) -> 
     for k in picks:
         rgb = np.repeat((gray[k] * 255).astype(np.uint8)[..., None], 3, axis=-1)
         in_label, in_pred = find_boundaries(label[k], mode="inner"), find_boundaries(pred[k], mode="inner")
-        rgb[in_label], rgb[in_pred], rgb[in_label & in_pred] = LABEL_RGB, PRED_RGB, BOTH_RGB
+        rgb[in_label], rgb[in_pred], rgb[in_label & in_pred] = (0, 255, 0), (255, 0, 0), (255, 255, 0)
         panels += [rgb, np.full((rgb.shape[0], 2, 3), 255, np.uint8)]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    skio.imsave(path, np.concatenate(panels[:-1], axis=1), check_contrast=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.imsave(path, np.concatenate(panels[:-1], axis=1), check_contrast=False)

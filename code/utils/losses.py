@@ -1,4 +1,4 @@
-"""Losses of CrossMatch (SPEC.md 1).
+"""Losses of CrossMatch (docs/METHOD.md).
 
 Dice follows the lineage: soft Dice with squared terms in the denominator and sums over the whole batch,
 1 - (2 sum(p t) + eps) / (sum(p^2) + sum(t^2) + eps), on the foreground channel for LA (2 classes) and

@@ -5,7 +5,7 @@ Metrics: Dice, Jaccard, 95% Hausdorff distance (HD95) and average surface distan
 ``asd(pred, label)`` (ASD is directed: the mean distance from the prediction's surface to the label's, as
 the lineage computes it). Distances are in voxels unless a voxel ``spacing`` is given.
 
-Empty-case policy (SPEC.md 4). medpy cannot compute a surface distance to an empty mask (it raises), so it
+Empty-case policy (docs/PROTOCOL.md). medpy cannot compute a surface distance to an empty mask (it raises), so it
 is never called on one:
 
 ================================  =====  =======  ===============  ==============

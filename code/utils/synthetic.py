@@ -14,21 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 from scipy import ndimage
 
-from utils.data_acdc import acdc_slice_path, acdc_volume_path
-from utils.data_la import la_case_path
-
-
-def _write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as h5:
-        h5.create_dataset("image", data=image)
-        h5.create_dataset("label", data=label)
-    tmp.replace(path)
+from utils.data import case_path, write_h5
 
 
 def _write_list(path: Path, names: Sequence[str]) -> None:
@@ -129,7 +118,7 @@ def make_la(root, n_train: int = 4, n_test: int = 2, shape: Sequence[int] = (32,
         rng = np.random.default_rng([seed, 0x1A, i])
         vol_shape = _jitter_shape(shape, shape_jitter, rng, axes=(0, 1))
         image, label = _la_volume(vol_shape, rng)
-        _write_h5(la_case_path(root, name), image, label)
+        write_h5(case_path("la", root, name), image=image, label=label)
     _write_list(root / "train.list", names[:n_train])
     if n_test:
         _write_list(root / "test.list", names[n_train:])
@@ -224,12 +213,12 @@ def make_acdc(root, n_train_patients: int = 3, n_val: int = 1, n_test: int = 1,
             vol_shape = _jitter_shape(shape, shape_jitter, rng, axes=(1, 2))
             for f, (image, label) in enumerate(_acdc_patient(vol_shape, rng), start=1):
                 vol = f"patient{pid:03d}_frame{f:02d}"
-                _write_h5(acdc_volume_path(root, vol), image, label)
+                write_h5(case_path("acdc", root, vol), image=image, label=label)
                 lists[split].append(vol)
                 if split == "train":
                     for k in range(1, image.shape[0] + 1):
                         name = f"{vol}_slice_{k}"
-                        _write_h5(acdc_slice_path(root, name), image[k - 1], label[k - 1])
+                        write_h5(case_path("acdc", root, name), image=image[k - 1], label=label[k - 1])
                         slice_names.append(name)
     _write_list(root / "train_slices.list", slice_names)
     for split, names in lists.items():

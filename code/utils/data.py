@@ -1,0 +1,185 @@
+"""The LA and ACDC data on disk: list files, h5 cases, their checks, and the training set.
+
+LA (UA-MT preprocessing): ``<root>/train.list``, ``<root>/test.list`` and
+``<root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5`` with ``image`` (float32, z-scored, (X, Y, Z)) and
+``label`` (uint8, {0, 1}). The labeled cases are the first ``--labelnum`` of the training list.
+
+ACDC (SSL4MIS preprocessing): ``<root>/data/<patientXXX_frameYY>.h5`` volumes (``image`` in [0, 1], (D, H, W);
+``label`` 0 bg, 1 RV, 2 Myo, 3 LV) and ``<root>/data/slices/<volume>_slice_<k>.h5`` with slice k = volume[k - 1];
+lists ``train_slices.list``, ``val.list``, ``test.list``. The labeled slices are the first
+``LABELED_SLICES[--labelnum]`` of ``train_slices.list``.
+
+Every problem raises ``DataError`` with one line naming the file and what was expected.
+"""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils import resolve
+from utils.augment import strong_2d, strong_3d, weak_2d, weak_3d
+
+LA_CASE_DIR = "2018LA_Seg_Training Set"
+N_CLASSES = {"la": 2, "acdc": 4}
+# labeled ACDC patients -> labeled slices (the first M of train_slices.list)
+LABELED_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
+
+
+class DataError(Exception):
+    """A problem with the data on disk or with a data-related flag."""
+
+
+# ------------------------------------------------------------------------------------------------ lists
+def find_list(root, name) -> Path:
+    """A list given as a name inside the data root (``test.list``) or as a path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root}: no such folder (pass --root_path)")
+    for candidate in (root / name, resolve(name)):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"list {name}: neither {root / name} nor {resolve(name)} exists")
+
+
+def read_list(path) -> list:
+    """The entries of a list file, one per line (blank lines and a UTF-8 BOM ignored); refuses an empty list
+    and repeated entries."""
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"list {path}: cannot be read as a text list ({e})") from None
+    if not names:
+        raise DataError(f"list {path}: empty (expected one entry per line)")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"list {path}: entry {twice!r} appears more than once")
+    return names
+
+
+# -------------------------------------------------------------------------------------------- h5 files
+def case_path(task: str, root, name: str) -> Path:
+    """The h5 file of a list entry: an LA case, an ACDC volume, or an ACDC slice (``*_slice_<k>``)."""
+    root = Path(root)
+    if task == "la":
+        return root / LA_CASE_DIR / name / "mri_norm2.h5"
+    return root / "data" / ("slices" if "_slice_" in name else "") / f"{name}.h5"
+
+
+def read_h5(path, names=("image", "label")) -> tuple:
+    """The datasets ``names`` of an h5 file, as stored. Any failure (missing file, damaged header or chunk)
+    raises DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"case file not found: {path}")
+    try:
+        with h5py.File(path, "r") as h5:
+            missing = [n for n in names if not isinstance(h5.get(n), h5py.Dataset)]
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(map(repr, missing))} dataset (expected {list(names)}, "
+                                f"found {sorted(h5.keys())})")
+            return tuple(h5[n][()] for n in names)
+    except DataError:
+        raise
+    except Exception as e:  # h5py raises OSError, RuntimeError, KeyError, ValueError on damaged files
+        raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def write_h5(path, **arrays) -> None:
+    """Write arrays as datasets of a new h5 file (through a temporary file, renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as h5:
+        for key, value in arrays.items():
+            h5.create_dataset(key, data=value)
+    tmp.replace(path)
+
+
+def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool = False) -> None:
+    """The checks every case passes before it is trained on or scored (DataError naming the file)."""
+    if image.ndim != ndim or image.shape != label.shape or min(image.shape) < 1:
+        raise DataError(f"{path}: image {image.shape} and label {label.shape}, expected two equal {ndim}D shapes")
+    if image.dtype.kind != "f" or label.dtype.kind not in "iu":
+        raise DataError(f"{path}: image {image.dtype} and label {label.dtype}, expected a float image and an "
+                        f"integer label")
+    bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise DataError(f"{path}: image has {bad} non-finite values (NaN/inf), expected finite intensities")
+    if unit_range and (image.min() < -1e-6 or image.max() > 1 + 1e-6):
+        raise DataError(f"{path}: image intensities in [{image.min():.4g}, {image.max():.4g}], expected [0, 1]")
+    if label.min() < 0 or label.max() >= n_classes:
+        values = np.unique(label[(label < 0) | (label >= n_classes)])[:5].tolist()
+        raise DataError(f"{path}: label values {values} outside the classes 0..{n_classes - 1}")
+
+
+def load_case(task: str, root, name: str) -> tuple:
+    """``(image, label)`` of one list entry, read and checked (ACDC: intensities within [0, 1])."""
+    path = case_path(task, root, name)
+    image, label = read_h5(path)
+    ndim = 2 if "_slice_" in name else 3
+    check_case(path, image, label, ndim, N_CLASSES[task], unit_range=task == "acdc")
+    return image, label
+
+
+# ----------------------------------------------------------------------------------------- ACDC split
+def patient_of(name: str) -> str:
+    """``patient001_frame01_slice_3`` -> ``patient001``."""
+    return name.split("_", 1)[0]
+
+
+def acdc_labeled_slices(names: list, labelnum: int, list_name: str, need_unlabeled: bool = True) -> tuple:
+    """``(number of labeled slices, warnings)`` for ``--labelnum`` labeled patients of a slice list."""
+    if labelnum not in LABELED_SLICES:
+        raise DataError(f"--labelnum {labelnum}: not an ACDC labeled-patient count; expected one of "
+                        f"{', '.join(map(str, LABELED_SLICES))}")
+    n = LABELED_SLICES[labelnum]
+    if n > len(names) or (n == len(names) and need_unlabeled):
+        raise DataError(f"--labelnum {labelnum} needs the first {n} slices labeled, {list_name} has {len(names)}"
+                        + (", which leaves no unlabeled slice for CrossMatch" if n == len(names) else ""))
+    patients = [patient_of(s) for s in names]
+    got = len(set(patients[:n]))
+    warnings = []
+    if got != labelnum:
+        warnings.append(f"the first {n} slices of {list_name} come from {got} patients, not {labelnum}")
+    elif n < len(names) and patients[n] in patients[:n]:
+        warnings.append(f"the labeled/unlabeled split of {list_name} at slice {n} cuts patient {patients[n]}")
+    return n, warnings
+
+
+# --------------------------------------------------------------------------------------- training set
+class TrainSet(Dataset):
+    """The training cases of a list, read and checked once, kept in memory.
+
+    ``dataset[(index, aug_seed)]`` is, for ``index < n_labeled``, ``dict(kind='l', index, image (1, *patch),
+    label (*patch) int64)``, the weak view of image and label; otherwise ``dict(kind='u', index, image_w,
+    image_s1, image_s2)``, the weak view and two independent strong views of it. Every random choice comes
+    from ``SeedSequence(aug_seed)`` (weak view, strong view 1, strong view 2: one child each). LA cases are
+    randomly cropped to the patch (rot90 + flip first), ACDC slices zoomed to it.
+    """
+
+    def __init__(self, task: str, root, names, n_labeled: int, patch_size):
+        self.task, self.n_labeled, self.patch_size = task, n_labeled, tuple(patch_size)
+        self.weak, self.strong = (weak_3d, strong_3d) if task == "la" else (weak_2d, strong_2d)
+        self.images, self.labels = [], []
+        for i, name in enumerate(names):
+            image, label = load_case(task, root, name)
+            self.images.append(np.ascontiguousarray(image, dtype=np.float32))
+            self.labels.append(np.ascontiguousarray(label, dtype=np.uint8) if i < n_labeled else None)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item
+        rng_w, rng_s1, rng_s2 = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+        if index < self.n_labeled:
+            x, y = self.weak(self.images[index], self.labels[index], self.patch_size, rng_w)
+            return {"kind": "l", "index": index, "image": torch.from_numpy(x)[None],
+                    "label": torch.from_numpy(y.astype(np.int64))}
+        x_w, _ = self.weak(self.images[index], None, self.patch_size, rng_w)
+        return {"kind": "u", "index": index, "image_w": torch.from_numpy(x_w)[None],
+                "image_s1": torch.from_numpy(self.strong(x_w, rng_s1))[None],
+                "image_s2": torch.from_numpy(self.strong(x_w, rng_s2))[None]}

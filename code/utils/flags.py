@@ -1,0 +1,111 @@
+"""The training scripts' flags: one parser for both tasks with each task's defaults, and their checks.
+
+Every flag keeps the lineage's name. ``--print_config`` prints the resolved settings as JSON and
+``--print_run_dir`` the run folder, both without touching the data or the run folder.
+"""
+import argparse
+
+# the task defaults (docs/METHOD.md, settings)
+TASK_DEFAULTS = {
+    "la": dict(root_path="data/LA", train_list="train.list", labelnum=8, max_iterations=9000, batch_size=4,
+               labeled_bs=2, base_lr=1e-3, optimizer="adamw", patch_size=[112, 112, 80], conf_thresh=0.85,
+               save_every=500),
+    "acdc": dict(root_path="data/ACDC", train_list="train_slices.list", labelnum=7, max_iterations=None,
+                 batch_size=24, labeled_bs=12, base_lr=0.01, optimizer="sgd", patch_size=[256, 256],
+                 conf_thresh=0.95, save_every=1000),
+}
+# flags that may differ when a run is resumed (where the data is, how the run is watched and computed);
+# any other difference is refused, because it would change what is trained
+RESUME_MAY_DIFFER = {"root_path", "train_list", "val_list", "val_every", "device", "num_workers", "compile",
+                     "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
+                     "overwrite", "print_config", "print_run_dir"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the flag and what was expected) instead of the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def train_parser(task: str, description: str) -> ArgumentParser:
+    """The flags of ``train_<task>.py``, with the task's defaults."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--root_path", help="data root (relative paths: against the repository root)")
+    a("--train_list", help="training list, a name inside the root or a path")
+    a("--exp", default="CrossMatch", help="experiment name; run folder <out_dir>/<TASK>_<exp>_<labelnum>_labeled")
+    a("--labelnum", type=int, help="LA: labeled cases (first N of the list); ACDC: labeled patients")
+    a("--max_iterations", type=int, help="training iterations" + (" (default: from --epochs)" if task == "acdc" else ""))
+    a("--batch_size", type=int, help="samples per iteration and process, labeled + unlabeled")
+    a("--labeled_bs", type=int, help="labeled samples per iteration and process")
+    a("--base_lr", type=float)
+    a("--optimizer", choices=["adamw", "sgd"])
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    a("--weight_decay", type=float, default=1e-4)
+    a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / max_iterations) ** power")
+    a("--patch_size", type=int, nargs="+", help="LA: random crop X Y Z; ACDC: slices zoomed to H W")
+    a("--conf_thresh", type=float, help="tau: confidence threshold of the pseudo-labels")
+    a("--eta", type=float, default=0.3, help="weight of L_dkd against L_tkd")
+    a("--drop_weak", type=float, default=0.25, help="P_w channel dropout rate")
+    a("--drop_strong", type=float, default=0.75, help="P_s channel dropout rate")
+    a("--dropout_type", choices=["dropout", "alpha", "feature_alpha"], default="dropout", help="Fig. 5")
+    a("--cutmix_p", type=float, default=0.5, help="probability of a CutMix box in each strong view (0: off)")
+    a("--unsup_loss", choices=["dice", "ce"], default="dice", help="unlabeled criterion (the paper: dice)")
+    a("--method", choices=["crossmatch", "supervised"], default="crossmatch",
+      help="supervised: --batch_size labeled samples per batch, no unlabeled data")
+    a("--no_ip", action="store_true", help="switch off L_ip")
+    a("--no_tkd", action="store_true", help="switch off L_tkd")
+    a("--no_dkd", action="store_true", help="switch off L_dkd")
+    a("--seed", type=int, default=1337)
+    a("--deterministic", action="store_true", help="deterministic algorithms, no cuDNN autotuning")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPU)")
+    a("--compile", action="store_true", help="torch.compile the network")
+    a("--sync_bn", action="store_true", help="with torchrun on GPUs: batch-norm statistics over all processes")
+    a("--num_workers", type=int, default=2, help="data loader processes")
+    a("--save_every", type=int, help="write latest.pth every N iterations")
+    a("--log_every", type=int, default=10, help="scalars to tensorboard every N iterations")
+    a("--image_every", type=int, default=500, help="image, label and prediction to tensorboard every N iterations")
+    a("--out_dir", default="model", help="where run folders go (relative paths: against the repository root)")
+    a("--resume", action="store_true", help="continue the run folder from its latest.pth")
+    a("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+    a("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
+    a("--print_run_dir", action="store_true", help="print the run folder and exit")
+    p.set_defaults(task=task, **TASK_DEFAULTS[task])
+    return p
+
+
+def check_train_args(p: ArgumentParser, args) -> None:
+    """Values that parse but make no sense end with a one-line error naming the flag."""
+    def bad(flag, want):
+        value = getattr(args, flag[2:])
+        p.error(f"argument {flag}: {' '.join(map(str, value)) if isinstance(value, list) else value}: expected {want}")
+    n_dims = 3 if args.task == "la" else 2
+    if len(args.patch_size) != n_dims or min(args.patch_size) < 16 or any(s % 16 for s in args.patch_size):
+        bad("--patch_size", f"{n_dims} multiples of 16 (the network halves the resolution 4 times)")
+    if args.batch_size < 1:
+        bad("--batch_size", "at least 1")
+    if args.method == "crossmatch" and not 1 <= args.labeled_bs < args.batch_size:
+        bad("--labeled_bs", f"between 1 and --batch_size - 1 = {args.batch_size - 1}")
+    if args.labelnum < 1:
+        bad("--labelnum", "at least 1")
+    if args.max_iterations is not None and args.max_iterations < 1:
+        bad("--max_iterations", "at least 1")
+    for flag in ("--conf_thresh", "--eta", "--cutmix_p"):
+        if not 0.0 <= getattr(args, flag[2:]) <= 1.0:
+            bad(flag, "a number in [0, 1]")
+    for flag in ("--drop_weak", "--drop_strong"):
+        if not 0.0 <= getattr(args, flag[2:]) < 1.0:
+            bad(flag, "a dropout rate in [0, 1)")
+    if args.base_lr <= 0:
+        bad("--base_lr", "a positive number")
+    for flag in ("--weight_decay", "--num_workers"):
+        if getattr(args, flag[2:]) < 0:
+            bad(flag, "0 or more")
+    for flag in ("--save_every", "--log_every", "--image_every"):
+        if getattr(args, flag[2:]) < 1:
+            bad(flag, "a positive number")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
