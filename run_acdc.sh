@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CrossMatch on ACDC: train, then evaluate the final checkpoint on test.list and print the table.
+# CrossMatch on ACDC: train, then evaluate the final checkpoint on val.list (the paper's Table II set) and on
+# test.list (the set BCP, AD-MT and ABD report), and print both tables.
 #   bash run_acdc.sh 7 [train_acdc.py flags]       # 3 or 7 labeled patients (Table II); data in $ACDC_ROOT or data/ACDC
 #   bash run_acdc.sh --demo [train_acdc.py flags]  # synthetic data, a few minutes on a CPU, no download
 set -euo pipefail
@@ -28,9 +29,12 @@ else
 fi
 $PY code/train_acdc.py --root_path "$root" "$@"
 run_dir=$($PY code/train_acdc.py --root_path "$root" "$@" --print_run_dir)
-if [[ -f $root/test.list ]]; then
-  $PY code/test_acdc.py --run "$run_dir" --root_path "$root" --list test.list
-else
-  echo "note: $root/test.list is missing; evaluate later with: python code/test_acdc.py --run $run_dir --list <list>" >&2
-fi
+for list in val.list test.list; do
+  if [[ -f $root/$list ]]; then
+    echo "===== $list: final checkpoint of $run_dir ====="
+    $PY code/test_acdc.py --run "$run_dir" --root_path "$root" --list "$list"
+  else
+    echo "note: $root/$list is missing; evaluate later with: python code/test_acdc.py --run $run_dir --list $list" >&2
+  fi
+done
 echo "finished in $(( $(date +%s) - start )) s"

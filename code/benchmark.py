@@ -7,9 +7,13 @@
 An iteration is timed from the host batch (its copy to the device included) to the end of the optimizer step,
 the device synchronised, over --iters iterations after --warmup. Methods, in this order:
   supervised        train_iteration with --method supervised: --batch_size labeled samples (Table III's V-Net)
-  crossmatch        the training script's own train_iteration (two passes, Section III-F)
+  crossmatch        the training script's own train_iteration (two passes, Section III-F), with its default
+                    --cutmix_partner second_batch: U more unlabeled samples as CutMix partners, their teachers
+                    from one more no-grad forward (eval mode, with P_w and P_s) of their weak views
   crossmatch_naive  the same iteration with Algorithm 1's forward as printed: d(e(x_l)); e(x_w) and e(x_s2)
                     decoded as [w, P_w w, P_s w, P_w s2, P_s s2]; d(e(cat(x_s1, x_s2))): x_s2 encoded twice
+                    (the partners' teacher forward unchanged)
+The batch column counts L+U; the crossmatch methods also get U partner samples.
 FLOPs: torch.utils.flop_counter over one iteration (forward and backward). Peak memory: on a GPU
 torch.cuda.max_memory_allocated during the method's iterations; on a CPU the peak resident memory of the
 process so far (methods run from the smallest, so each figure is the peak while that method ran).
@@ -35,24 +39,35 @@ METHODS = ("supervised", "crossmatch", "crossmatch_naive")
 
 
 class Algorithm1AsPrinted(nn.Module):
-    """Wraps the network so that train_iteration's two calls compute Algorithm 1's forward as printed.
+    """Wraps the network so that train_iteration's two training-mode calls compute Algorithm 1's forward as
+    printed.
 
     Call 1, ``cat(x_l, x_w)``: d(e(x_l)), then e(x_w) decoded with its two perturbations. Call 2,
     ``cat(x_s1, x_s2)``: d(e(cat(x_s1, x_s2))) unperturbed, then x_s2 encoded again and its two perturbations
-    decoded. The outputs have the shapes and order train_iteration expects."""
+    decoded. The outputs have the shapes and order train_iteration expects, every decoder call decoding as the
+    network's own perturbed forward does (V-Net: without its output dropout unless ``pert_out_dropout``). The
+    training-mode calls are counted (``calls``) to alternate between the two. A call in eval mode (the no-grad
+    teacher forward of the CutMix partners, ``--cutmix_partner second_batch``) is the network's own forward,
+    not counted."""
 
     def __init__(self, net):
         super().__init__()
         self.net, self.calls = net, 0
 
+    def decode(self, feats):
+        net = self.net
+        return net.decode(feats, net.pert_out_dropout) if hasattr(net, "pert_out_dropout") else net.decode(feats)
+
     def forward(self, x, n_pert=0):
-        self.calls += 1
         net, n = self.net, n_pert
+        if not self.training:
+            return net(x, n_pert=n)
+        self.calls += 1
         if self.calls % 2:
-            return torch.cat([net(x[:-n]), net(x[-n:], n_pert=n)])
+            return torch.cat([self.decode(net.encode(x[:-n])), self.decode(net.perturb.expand(net.encode(x[-n:]), n))])
         feats = net.encode(x[-n:])
-        perturbed = net.decode([torch.cat([net.perturb.weak(f), net.perturb.strong(f)]) for f in feats])
-        return torch.cat([net(x), perturbed])
+        perturbed = self.decode([torch.cat([net.perturb.weak(f), net.perturb.strong(f)]) for f in feats])
+        return torch.cat([self.decode(net.encode(x)), perturbed])
 
 
 def parse_args(argv=None):
@@ -104,7 +119,7 @@ def bench_method(args, method: str, device) -> dict:
     shape = tuple(targs.patch_size)
     n_classes = 2 if args.task == "la" else 4
     batch = {"x_l": torch.randn((L, 1) + shape, generator=g), "y_l": torch.randint(0, n_classes, (L,) + shape, generator=g)}
-    for key in ("x_w", "x_s1", "x_s2"):
+    for key in ("x_w", "x_s1", "x_s2", "x_w_p", "x_s1_p", "x_s2_p"):   # the unlabeled and CutMix-partner samples
         batch[key] = torch.randn((U, 1) + shape, generator=g)
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}

@@ -27,7 +27,8 @@ from utils.losses import UNSUP_CRITERIA, supervised_loss
 from utils.metrics import multiclass_metrics
 from utils.run_folder import check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder, run_dir_of
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
-from utils.training import autocast, build_for_training, iteration_seed, memory_format, poly_lr, setup, wrap_model
+from utils.training import (autocast, build_for_training, conf_threshold, iteration_seed, memory_format, poly_lr, setup,
+                            wrap_model)
 
 
 def parse_args(argv=None):
@@ -48,11 +49,16 @@ def train_iteration(model, optimizer, batch, it, args, device):
     torch.manual_seed(iteration_seed(args.seed, it))
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(args, it)
+    tau = conf_threshold(args, it)
     fmt = memory_format(device, batch["x_l"].dim() - 2)
     x_l = batch["x_l"].to(device, non_blocking=True, memory_format=fmt)
     y_l = batch["y_l"].to(device, non_blocking=True)
     crit = UNSUP_CRITERIA[args.unsup_loss]
     zero = torch.zeros((), device=device)
+
+    def teacher(p):  # hard pseudo-label and confidence mask of a teacher's logits
+        conf, y = p.detach().float().softmax(1).max(1)
+        return y, (conf >= tau).float()
 
     with autocast(device, args.amp):
         if args.method == "supervised":
@@ -62,13 +68,26 @@ def train_iteration(model, optimizer, batch, it, args, device):
         else:
             x_w, x_s1, x_s2 = (batch[k].to(device, non_blocking=True, memory_format=fmt) for k in ("x_w", "x_s1", "x_s2"))
             L, U = len(x_l), len(x_w)
+            second_batch = args.cutmix_partner == "second_batch" and args.cutmix_p > 0
 
-            # CutMix inside each strong view: a box pasted from another unlabeled sample of the batch
-            partner = partner_index(U, device) if args.cutmix_p > 0 else torch.arange(U, device=device)
+            # the CutMix partner of each unlabeled sample: a sample of a second unlabeled batch, whose teachers
+            # come from a no-grad forward of its weak view in eval mode (batch-norm running statistics, P_w and
+            # P_s on), as the release computes them; or another sample of this batch
+            if second_batch:
+                x_w_p, x_s1_p, x_s2_p = (batch[k].to(device, non_blocking=True, memory_format=fmt)
+                                         for k in ("x_w_p", "x_s1_p", "x_s2_p"))
+                with torch.no_grad():
+                    model.eval()
+                    p_wn_p, p_ww_p, p_ws_p = model(x_w_p, n_pert=U).split([U, U, U])
+                    model.train()
+            else:
+                partner = partner_index(U, device) if args.cutmix_p > 0 else torch.arange(U, device=device)
+                x_s1_p, x_s2_p = x_s1[partner], x_s2[partner]
+            # CutMix inside each strong view: a box of the partner's strong view pasted in
             box1 = sample_boxes(U, x_w.shape[2:], args.cutmix_p, device=device)
             box2 = sample_boxes(U, x_w.shape[2:], args.cutmix_p, device=device)
-            x_s1 = torch.where(box1[:, None], x_s1[partner], x_s1)
-            x_s2 = torch.where(box2[:, None], x_s2[partner], x_s2)
+            x_s1 = torch.where(box1[:, None], x_s1_p, x_s1)
+            x_s2 = torch.where(box2[:, None], x_s2_p, x_s2)
 
             # pass A on cat(x_l, x_w): decoder batch [l, w, P_w w, P_s w]
             p_l, p_wn, p_ww, p_ws = model(torch.cat([x_l, x_w]), n_pert=U).split([L, U, U, U])
@@ -76,38 +95,46 @@ def train_iteration(model, optimizer, batch, it, args, device):
             p_s1, p_s2, p_sw, p_ss = model(torch.cat([x_s1, x_s2]), n_pert=U).split([U, U, U, U])
 
             with torch.no_grad():
-                # teachers: hard pseudo-labels and their confidence masks
-                conf_wn, y_wn = p_wn.float().softmax(1).max(1)
-                conf_ww, y_ww = p_ww.float().softmax(1).max(1)
-                conf_ws, y_ws = p_ws.float().softmax(1).max(1)
-                keep_wn = (conf_wn >= args.conf_thresh).float()
-                keep_ww = (conf_ww >= args.conf_thresh).float()
-                keep_ws = (conf_ws >= args.conf_thresh).float()
-                # the targets of the CutMixed views: inside box k, the partner's teacher
-                y_wn_mix1 = torch.where(box1, y_wn[partner], y_wn)
-                keep_wn_mix1 = torch.where(box1, keep_wn[partner], keep_wn)
-                y_wn_mix2 = torch.where(box2, y_wn[partner], y_wn)
-                keep_wn_mix2 = torch.where(box2, keep_wn[partner], keep_wn)
-                y_ww_mix2 = torch.where(box2, y_ww[partner], y_ww)
-                keep_ww_mix2 = torch.where(box2, keep_ww[partner], keep_ww)
-                y_ws_mix2 = torch.where(box2, y_ws[partner], y_ws)
-                keep_ws_mix2 = torch.where(box2, keep_ws[partner], keep_ws)
+                # teachers: hard pseudo-labels and their confidence masks (tau), for this batch and the partners
+                (y_wn, keep_wn), (y_ww, keep_ww), (y_ws, keep_ws) = teacher(p_wn), teacher(p_ww), teacher(p_ws)
+                if second_batch:
+                    (y_wn_p, keep_wn_p), (y_ww_p, keep_ww_p), (y_ws_p, keep_ws_p) = (
+                        teacher(p_wn_p), teacher(p_ww_p), teacher(p_ws_p))
+                else:
+                    y_wn_p, keep_wn_p, y_ww_p = y_wn[partner], keep_wn[partner], y_ww[partner]
+                    keep_ww_p, y_ws_p, keep_ws_p = keep_ww[partner], y_ws[partner], keep_ws[partner]
+                # the targets of the CutMixed strong views: inside box k, the partner's teacher
+                y_wn_mix1, keep_wn_mix1 = torch.where(box1, y_wn_p, y_wn), torch.where(box1, keep_wn_p, keep_wn)
+                y_wn_mix2, keep_wn_mix2 = torch.where(box2, y_wn_p, y_wn), torch.where(box2, keep_wn_p, keep_wn)
+                y_ww_mix2, keep_ww_mix2 = torch.where(box2, y_ww_p, y_ww), torch.where(box2, keep_ww_p, keep_ww)
+                y_ws_mix2, keep_ws_mix2 = torch.where(box2, y_ws_p, y_ws), torch.where(box2, keep_ws_p, keep_ws)
 
             # L_ip: the teacher p_wn supervises both strong views
-            loss_ip = zero if args.no_ip else 0.5 * (crit(p_s1, y_wn_mix1, keep_wn_mix1) +
-                                                     crit(p_s2, y_wn_mix2, keep_wn_mix2))
+            if args.no_ip:
+                loss_ip = zero
+            elif args.ip_loss == "stacked":  # Algorithm 1: one criterion over the stacked pair
+                loss_ip = crit(torch.cat([p_s1, p_s2]), torch.cat([y_wn_mix1, y_wn_mix2]),
+                               torch.cat([keep_wn_mix1, keep_wn_mix2]))
+            else:  # the release: the mean of the two views' criteria
+                loss_ip = 0.5 * (crit(p_s1, y_wn_mix1, keep_wn_mix1) + crit(p_s2, y_wn_mix2, keep_wn_mix2))
             # L_tkd: the teacher p_wn supervises the four feature-perturbed students
-            loss_tkd = zero if args.no_tkd else crit(torch.cat([p_ww, p_ws, p_sw, p_ss]),
-                                                     torch.cat([y_wn, y_wn, y_wn_mix2, y_wn_mix2]),
-                                                     torch.cat([keep_wn, keep_wn, keep_wn_mix2, keep_wn_mix2]))
+            students = [p_ww, p_ws, p_sw, p_ss]
+            targets, keeps = [y_wn, y_wn, y_wn_mix2, y_wn_mix2], [keep_wn, keep_wn, keep_wn_mix2, keep_wn_mix2]
+            if args.no_tkd:
+                loss_tkd = zero
+            elif args.tkd_loss == "stacked":  # Algorithm 1: one criterion over the four stacked
+                loss_tkd = crit(torch.cat(students), torch.cat(targets), torch.cat(keeps))
+            else:  # the release: the mean of the four criteria
+                loss_tkd = sum(crit(p, y, k) for p, y, k in zip(students, targets, keeps)) / 4
             # L_dkd: within each perturbed decoder, the weak image's output teaches the strong image's
             loss_dkd = zero if args.no_dkd else 0.5 * (crit(p_sw, y_ww_mix2, keep_ww_mix2) +
                                                        crit(p_ss, y_ws_mix2, keep_ws_mix2))
-            loss_u = 0.5 * (loss_ip + (1 - args.eta) * loss_tkd + args.eta * loss_dkd)
+            # Algorithm 1: L_u = (L_ip + (1 - eta) L_tkd + eta L_dkd) / 2 is kd_weight 0.5 (the release's LA: 1.0)
+            loss_u = 0.5 * loss_ip + args.kd_weight * ((1 - args.eta) * loss_tkd + args.eta * loss_dkd)
             loss_sup = supervised_loss(p_l, y_l)
             loss = 0.5 * (loss_sup + loss_u)
             logs = {"loss_sup": loss_sup, "loss_u": loss_u, "loss_ip": loss_ip, "loss_tkd": loss_tkd,
-                    "loss_dkd": loss_dkd, "conf_frac": keep_wn.mean()}
+                    "loss_dkd": loss_dkd, "conf_frac": keep_wn.mean(), "tau": zero + tau}
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -168,15 +195,17 @@ def main(argv=None):
     start = ckpt["iteration"] if ckpt else 0
     del ckpt
     try:
-        dataset = TrainSet("acdc", root, names[:n_labeled] if supervised else names, n_labeled, args.patch_size)
+        dataset = TrainSet("acdc", root, names[:n_labeled] if supervised else names, n_labeled, args.patch_size,
+                           args.uint8_unlabeled)
         for name in val_names:  # checked now rather than at the first validation
             load_case("acdc", root, name)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 
     train_model = wrap_model(model, args, device, world, local_rank)
+    partner_bs = unlabeled_bs if args.cutmix_partner == "second_batch" and args.cutmix_p > 0 else 0
     sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), labeled_bs, unlabeled_bs,
-                                    args.seed, args.max_iterations, start, rank, world)
+                                    args.seed, args.max_iterations, start, rank, world, partner_bs)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
 

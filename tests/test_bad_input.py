@@ -369,9 +369,10 @@ def test_patch_larger_than_a_volume_is_padded_not_refused(masters, tmp_path):
         run_case(case, *masters, tmp_path)
     names = read_list(la / "train.list")
     ds = TrainSet("la", la, names, 2, (32, 32, 32))
-    labeled, unlabeled = ds[(0, 1)], ds[(3, 2)]
+    labeled, unlabeled, partner = ds[(0, 1, "l")], ds[(3, 2, "u")], ds[(2, 3, "p")]
     assert labeled["image"].shape == (1, 32, 32, 32) and labeled["label"].shape == (32, 32, 32)
-    assert all(unlabeled[k].shape == (1, 32, 32, 32) for k in ("image_w", "image_s1", "image_s2"))
+    assert all(item[k].shape == (1, 32, 32, 32) for item in (unlabeled, partner)
+               for k in ("image_w", "image_s1", "image_s2"))
 
 
 # ------------------------------------------------------------------------------------------------ real CLI

@@ -153,6 +153,50 @@ def test_print_config_is_json_and_touches_nothing(syn_la, syn_acdc, tmp_path, ca
     assert not out.exists() and listing(syn_acdc) == before
 
 
+EXPECTED_ROWS = {  # (task, preset): the rows of docs/METHOD.md's settings table
+    ("la", "paper"): dict(max_iterations=9000, poly_horizon=None, conf_thresh=0.85, conf_ramp=0, ip_loss="stacked",
+                          tkd_loss="stacked", kd_weight=0.5, nesterov=False, exp="CrossMatch"),
+    ("la", "release"): dict(max_iterations=14000, poly_horizon=17000, conf_thresh=0.75, conf_ramp=17000,
+                            ip_loss="mean", tkd_loss="mean", kd_weight=1.0, nesterov=False, exp="CrossMatch_release"),
+    ("acdc", "paper"): dict(conf_thresh=0.95, conf_ramp=0, ip_loss="stacked", tkd_loss="stacked", kd_weight=0.5,
+                            nesterov=False, uint8_unlabeled=False, optimizer="sgd", exp="CrossMatch"),
+    ("acdc", "release"): dict(conf_thresh=0.95, conf_ramp=0, ip_loss="mean", tkd_loss="mean", kd_weight=0.5,
+                              nesterov=True, uint8_unlabeled=True, optimizer="sgd", exp="CrossMatch_release"),
+}
+
+
+@pytest.mark.parametrize("task,preset", list(EXPECTED_ROWS))
+def test_print_config_of_each_preset(task, preset, tmp_path):
+    """--print_config through the command line: every preset row resolved, both presets share the rest
+    (CutMix from a second batch, no output dropout in the perturbed forward, seed 1337), an explicit flag wins."""
+    script = f"train_{task}.py"
+    r = py(script, "--preset", preset, "--print_config", "--out_dir", tmp_path / "m", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = json.loads(r.stdout)["args"]
+    assert args["preset"] == preset
+    for key, value in EXPECTED_ROWS[(task, preset)].items():
+        assert args[key] == value, (key, args[key])
+    assert args["cutmix_partner"] == "second_batch" and args["pert_out_dropout"] is False and args["seed"] == 1337
+    assert args["eta"] == 0.3 and (args["drop_weak"], args["drop_strong"]) == (0.25, 0.75)
+    r = py(script, "--preset", preset, "--print_config", "--kd_weight", "0.3", "--conf_thresh", "0.9", cwd=tmp_path)
+    args = json.loads(r.stdout)["args"]
+    assert (args["kd_weight"], args["conf_thresh"]) == (0.3, 0.9)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("preset", ["paper", "release"])
+def test_each_preset_trains_two_iterations(preset, syn_la, syn_acdc, tmp_path):
+    r = py("train_la.py", "--root_path", syn_la, "--out_dir", tmp_path, "--preset", preset, *LA_TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / ("LA_CrossMatch_2_labeled" if preset == "paper" else "LA_CrossMatch_release_2_labeled")
+    check_run_folder(run_dir, 2, "la")
+    assert json.loads((run_dir / "config.json").read_text())["args"]["preset"] == preset
+    tau = [float(m) for m in re.findall(r" tau ([0-9.]+)", (run_dir / "log.txt").read_text())]
+    assert tau == ([0.85, 0.85] if preset == "paper" else [pytest.approx(0.521, abs=1e-3)] * 2)
+    r = py("train_acdc.py", "--root_path", syn_acdc, "--out_dir", tmp_path, "--preset", preset, *ACDC_TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- run scripts
 def test_run_scripts_without_data_explain_where_it_comes_from(tmp_path):
     r = run(["bash", "run_la.sh", "8"], env={"LA_ROOT": str(tmp_path / "nowhere")})

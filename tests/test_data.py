@@ -16,6 +16,7 @@ import train_acdc
 import train_la
 from utils.data import (LABELED_SLICES, N_CLASSES, DataError, TrainSet, acdc_labeled_slices, case_path, check_case,
                         find_list, load_case, patient_of, read_h5, read_list, write_h5)
+from utils.augment import strong_2d
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,29 +211,39 @@ def test_la_trainset_items(syn_la):
     ds = TrainSet("la", syn_la, cases, n_labeled=2, patch_size=PATCH_3D)
     assert len(ds) == 5
     assert all(lb is not None for lb in ds.labels[:2]) and all(lb is None for lb in ds.labels[2:])  # unlabeled:
-    lab = ds[(1, 11)]                                                                                # labels unread
+    lab = ds[(1, 11, "l")]                                                                           # labels unread
     assert lab["kind"] == "l" and lab["index"] == 1 and set(lab) == {"kind", "index", "image", "label"}
     assert lab["image"].shape == (1, *PATCH_3D) and lab["image"].dtype == torch.float32
     assert lab["label"].shape == PATCH_3D and lab["label"].dtype == torch.int64
     assert set(torch.unique(lab["label"]).tolist()) <= {0, 1}
-    unl = ds[(3, 11)]
-    assert unl["kind"] == "u" and set(unl) == {"kind", "index", "image_w", "image_s1", "image_s2"}
+    unl = ds[(3, 11, "u")]
+    assert unl["kind"] == "u" and unl["index"] == 3 and set(unl) == {"kind", "index", "image_w", "image_s1", "image_s2"}
     for k in ("image_w", "image_s1", "image_s2"):
         assert unl[k].shape == (1, *PATCH_3D) and unl[k].dtype == torch.float32
-    # the pair (index, seed) -> the same sample; views differ; another seed differs
-    again = ds[(3, 11)]
+    # the triple (index, seed, kind) -> the same sample; views differ; another seed differs
+    again = ds[(3, 11, "u")]
     assert all(torch.equal(unl[k], again[k]) for k in ("image_w", "image_s1", "image_s2"))
-    assert not torch.equal(ds[(3, 12)]["image_w"], unl["image_w"])
-    diffs = [not torch.equal(ds[(3, s)]["image_s1"], ds[(3, s)]["image_s2"]) for s in range(6)]
+    assert not torch.equal(ds[(3, 12, "u")]["image_w"], unl["image_w"])
+    diffs = [not torch.equal(ds[(3, s, "u")]["image_s1"], ds[(3, s, "u")]["image_s2"]) for s in range(6)]
     assert sum(diffs) >= 4
+    # a CutMix partner ('p') is an unlabeled item of its own kind: the same views for the same index and seed
+    par = ds[(3, 11, "p")]
+    assert par["kind"] == "p" and par["index"] == 3 and set(par) == set(unl)
+    assert all(torch.equal(par[k], unl[k]) for k in ("image_w", "image_s1", "image_s2"))
+    # the kind, not the index, picks the item: a labeled case can be drawn as a partner or an unlabeled sample
+    assert ds[(1, 11, "p")]["kind"] == "p" and ds[(1, 11, "u")].keys() == unl.keys()
+    # the labeled item's weak view is the unlabeled item's weak view of the same index and seed
+    assert torch.equal(ds[(1, 11, "u")]["image_w"], lab["image"])
     with pytest.raises(IndexError):
-        ds[(5, 0)]
+        ds[(5, 0, "u")]
+    with pytest.raises(IndexError):
+        ds[(5, 0, "l")]
 
 
 def test_la_patch_larger_than_volume_pads(syn_la):
     cases = read_list(syn_la / "train.list")
     ds = TrainSet("la", syn_la, cases[:1], 1, (48, 48, 32))
-    lab = ds[(0, 0)]
+    lab = ds[(0, 0, "l")]
     assert lab["image"].shape == (1, 48, 48, 32)
     _, label = load_case("la", syn_la, cases[0])
     assert int(lab["label"].sum()) == int(label.sum())  # the whole volume is inside the padded patch
@@ -241,27 +252,34 @@ def test_la_patch_larger_than_volume_pads(syn_la):
 def test_loader_and_collate(syn_la):
     cases = read_list(syn_la / "train.list")
     ds = TrainSet("la", syn_la, cases, 2, PATCH_3D)
-    sampler = TwoStreamBatchSampler(range(2), range(2, 5), 2, 2, seed=0, num_iterations=3)
+    sampler = TwoStreamBatchSampler(range(2), range(2, 5), 2, 2, seed=0, num_iterations=3, partner_bs=2)
     batches = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_two_stream))
     assert len(batches) == 3
     for it, b in enumerate(batches):
         assert b["x_l"].shape == (2, 1, *PATCH_3D) and b["y_l"].shape == (2, *PATCH_3D)
         assert b["y_l"].dtype == torch.int64 and b["x_l"].dtype == torch.float32
-        for k in ("x_w", "x_s1", "x_s2"):
-            assert b[k].shape == (2, 1, *PATCH_3D)
-        pairs = sampler.batch(it)
-        idx = [i for i, _ in pairs]
-        assert b["idx_l"].tolist() == idx[:2] and b["idx_u"].tolist() == idx[2:]
+        for k in ("x_w", "x_s1", "x_s2", "x_w_p", "x_s1_p", "x_s2_p"):
+            assert b[k].shape == (2, 1, *PATCH_3D) and b[k].dtype == torch.float32
+        triples = sampler.batch(it)
+        idx = [i for i, _, _ in triples]
+        assert [k for _, _, k in triples] == ["l", "l", "u", "u", "p", "p"]
+        assert b["idx_l"].tolist() == idx[:2] and b["idx_u"].tolist() == idx[2:4] and b["idx_p"].tolist() == idx[4:]
         assert set(idx[:2]) <= {0, 1} and set(idx[2:]) <= {2, 3, 4}
-        assert torch.equal(b["x_w"][0], ds[pairs[2]]["image_w"])  # the batch holds exactly the sampled items
-    # labeled stream only (supervised): empty unlabeled tensors with the right trailing shape
+        # the batch holds exactly the sampled items
+        assert torch.equal(b["x_l"][1], ds[triples[1]]["image"]) and torch.equal(b["y_l"][1], ds[triples[1]]["label"])
+        assert torch.equal(b["x_w"][0], ds[triples[2]]["image_w"])
+        partner = ds[triples[5]]
+        assert partner["kind"] == "p"
+        assert all(torch.equal(b[f"x_{k}_p"][1], partner[f"image_{k}"]) for k in ("w", "s1", "s2"))
+    # labeled stream only (supervised): empty unlabeled and partner tensors with the right trailing shape
     sup = TwoStreamBatchSampler(range(2), [], 3, 0, seed=0, num_iterations=1)
     b = next(iter(DataLoader(ds, batch_sampler=sup, collate_fn=collate_two_stream)))
     assert b["x_l"].shape == (3, 1, *PATCH_3D)
     assert b["x_w"].shape == (0, 1, *PATCH_3D) and b["idx_u"].shape == (0,)
+    assert b["x_w_p"].shape == (0, 1, *PATCH_3D) and b["idx_p"].shape == (0,)
     assert torch.cat([b["x_l"], b["x_w"]]).shape[0] == 3
     # unlabeled only
-    b = collate_two_stream([ds[(3, 0)]])
+    b = collate_two_stream([ds[(3, 0, "u")]])
     assert b["x_l"].shape == (0, 1, *PATCH_3D) and b["y_l"].shape == (0, *PATCH_3D)
     assert b["y_l"].dtype == torch.int64
 
@@ -270,20 +288,55 @@ def test_acdc_trainset(syn_acdc):
     names = read_list(syn_acdc / "train_slices.list")
     ds = TrainSet("acdc", syn_acdc, names, n_labeled=4, patch_size=(32, 32))
     assert len(ds) == 36 and N_CLASSES["acdc"] == 4
-    lab = ds[(2, 9)]
+    lab = ds[(2, 9, "l")]
     assert lab["kind"] == "l" and lab["image"].shape == (1, 32, 32) and lab["label"].shape == (32, 32)
     assert lab["label"].dtype == torch.int64 and int(lab["label"].max()) <= 3
-    unl = ds[(10, 9)]
+    unl = ds[(10, 9, "u")]
     assert unl["kind"] == "u" and all(unl[k].shape == (1, 32, 32) for k in ("image_w", "image_s1", "image_s2"))
-    assert all(torch.equal(ds[(10, 9)][k], unl[k]) for k in ("image_w", "image_s1", "image_s2"))
-    sampler = TwoStreamBatchSampler(range(4), range(4, 36), 2, 3, seed=5, num_iterations=2)
+    assert all(torch.equal(ds[(10, 9, "u")][k], unl[k]) for k in ("image_w", "image_s1", "image_s2"))
+    par = ds[(10, 9, "p")]
+    assert par["kind"] == "p" and all(torch.equal(par[k], unl[k]) for k in ("image_w", "image_s1", "image_s2"))
+    sampler = TwoStreamBatchSampler(range(4), range(4, 36), 2, 3, seed=5, num_iterations=2, partner_bs=3)
     b0 = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_two_stream))
     b2 = list(DataLoader(ds, batch_sampler=sampler, collate_fn=collate_two_stream, num_workers=2))
     for x, y in zip(b0, b2):  # the worker count does not change a batch
         assert all(torch.equal(x[k], y[k]) for k in x)
-    assert b0[0]["x_s1"].shape == (3, 1, 32, 32)
+    assert b0[0]["x_s1"].shape == b0[0]["x_s2_p"].shape == (3, 1, 32, 32)
     with pytest.raises(DataError, match="patient001_frame01_slice_9"):
         TrainSet("acdc", syn_acdc, names[:3] + ["patient001_frame01_slice_9"], 1, (32, 32))
+
+
+def test_acdc_trainset_uint8_unlabeled(syn_acdc):
+    """uint8_unlabeled (ACDC's release preset): the unlabeled and partner views hold 8-bit values, multiples of
+    1/255 in [0, 1] (the weak view truncated, the strong views computed from it and rounded); the labeled item
+    is unaffected."""
+    names = read_list(syn_acdc / "train_slices.list")
+    plain = TrainSet("acdc", syn_acdc, names, n_labeled=4, patch_size=(32, 32))
+    u8 = TrainSet("acdc", syn_acdc, names, n_labeled=4, patch_size=(32, 32), uint8_unlabeled=True)
+    assert not plain.uint8_unlabeled and u8.uint8_unlabeled
+    for seed in range(4):
+        for kind in ("u", "p"):
+            item, ref = u8[(10 + seed, seed, kind)], plain[(10 + seed, seed, kind)]
+            assert item["kind"] == kind and set(item) == set(ref)
+            for k in ("image_w", "image_s1", "image_s2"):
+                v = item[k]
+                assert v.dtype == torch.float32 and v.shape == (1, 32, 32)
+                assert 0 <= float(v.min()) and float(v.max()) <= 1
+                steps = v.double() * 255
+                assert torch.allclose(steps, steps.round(), rtol=0, atol=1e-4), (seed, kind, k)
+            # the weak view is the plain one truncated to 8 bits (same geometry: the same seed)
+            assert torch.equal(item["image_w"], torch.floor(ref["image_w"] * 255) / np.float32(255))
+            # the strong views: the release's pipeline on the truncated weak view, then rounded
+            rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+            for k, rng in (("image_s1", rngs[1]), ("image_s2", rngs[2])):
+                want = np.round(strong_2d(item["image_w"][0].numpy(), rng) * 255) / np.float32(255)
+                assert torch.equal(item[k][0], torch.from_numpy(want)), (seed, kind, k)
+        assert not torch.equal(u8[(10 + seed, seed, "u")]["image_s1"], plain[(10 + seed, seed, "u")]["image_s1"])
+        # the labeled item is unaffected
+        lab, ref = u8[(seed, seed, "l")], plain[(seed, seed, "l")]
+        assert torch.equal(lab["image"], ref["image"]) and torch.equal(lab["label"], ref["label"])
+    assert any(not torch.allclose(plain[(2, s, "l")]["image"] * 255, (plain[(2, s, "l")]["image"] * 255).round(),
+                                  atol=1e-4) for s in range(4))   # ... which is not 8-bit by itself
 
 
 # ----------------------------------------------------------------------------------- ACDC labeled split

@@ -4,8 +4,9 @@ The torchrun test trains ACDC for two iterations with two processes and checks r
 alone writes (one latest.pth, one final checkpoint, one tensorboard file, the log header once); config.json and
 the checkpoints record 2 processes, the log the per-process batch 2+2 (effective batch 2 x 4); and the saved
 weights, batch-norm statistics and optimizer state are exactly those of an in-process replay of the two ranks:
-each rank's own batch (sampler rank 0 / 1 of 2) and dropout masks (seeded from its rank), the optimizer stepping
-with the mean of the two ranks' gradients, the running statistics of rank 0's batches.
+each rank's own batch and CutMix partners (sampler rank 0 / 1 of 2, partner_bs = unlabeled_bs as the default
+--cutmix_partner second_batch asks) and dropout masks (seeded from its rank), the optimizer stepping with the mean
+of the two ranks' gradients, the running statistics of rank 0's batches.
 """
 import copy
 import json
@@ -56,14 +57,15 @@ def replay_two_ranks(root, monkeypatch):
     n_labeled = 32                                         # --labelnum 1: the first 32 slices (patient 1)
     dataset = TrainSet("acdc", root, names, n_labeled, args.patch_size)
     torch.manual_seed(args.seed)                           # rank 0's seed; DDP broadcasts its initial weights
-    model = build_model("acdc", args.drop_weak, args.drop_strong, args.dropout_type).train()
+    model = build_model("acdc", args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout).train()
     optimizer = training.make_optimizer(model, args)
     gaps = []
     for it in range(args.max_iterations):
         grads, buffers = [], None
         for rank in (0, 1):
+            assert args.cutmix_partner == "second_batch"     # the default: a partner batch of unlabeled_bs
             sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), 2, 2, args.seed,
-                                            args.max_iterations, 0, rank, 2)
+                                            args.max_iterations, 0, rank, 2, partner_bs=2)
             batch = collate_two_stream([dataset[item] for item in sampler.batch(it)])
             local = copy.deepcopy(model)
             monkeypatch.setattr(training, "rank", lambda r=rank: r)   # iteration_seed(seed, it) of that rank
@@ -122,12 +124,14 @@ def test_two_gloo_processes_train_as_one_with_the_mean_gradient(ddp_run, monkeyp
 
 
 def test_ranks_draw_disjoint_parts_of_each_batch():
-    def batch(rank, it):
+    def batch(rank, it, kinds):
         s = TwoStreamBatchSampler(range(32), range(32, 64), 2, 2, seed=1337, num_iterations=4, rank=rank,
-                                  world_size=2)
-        return [i for i, _ in s.batch(it)]
+                                  world_size=2, partner_bs=2)
+        return [i for i, _, k in s.batch(it) if k in kinds]
     for it in range(4):
-        assert not set(batch(0, it)) & set(batch(1, it))
+        assert not set(batch(0, it, "lu")) & set(batch(1, it, "lu"))
+        assert not set(batch(0, it, "p")) & set(batch(1, it, "p"))      # the CutMix partners too
+        assert len(batch(0, it, "p")) == len(batch(1, it, "p")) == 2
 
 
 def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
@@ -139,33 +143,41 @@ def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
 
 
 def _grad_worker(rank, port, out_dir):
-    """One rank: the real train_acdc.train_iteration (two model calls, one backward) on a DDP model and on a
-    plain local copy; the DDP gradient must be the mean over ranks of the local gradients."""
+    """One rank: the real train_acdc.train_iteration (two model calls, one backward; with --cutmix_partner
+    second_batch, the default, first a no-grad eval-mode call on the partners) on a DDP model and on a plain
+    local copy, for both CutMix partners; the DDP gradient must be the mean over ranks of the local gradients."""
     import train_acdc
     from networks import build_model
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    args = train_acdc.parse_args(["--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2",
-                                  "--max_iterations", "10", "--device", "cpu", "--conf_thresh", "0.3"])
-    torch.manual_seed(0)
-    base = build_model("acdc")
-    local, ddp = copy.deepcopy(base), torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
-    g = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
-    batch = {k: torch.randn(2, 1, 32, 32, generator=g) for k in ("x_l", "x_w", "x_s1", "x_s2")}
-    batch["y_l"] = torch.randint(0, 4, (2, 32, 32), generator=g)
-    for model in (local, ddp):
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        train_acdc.train_iteration(model, opt, batch, 3, args, torch.device("cpu"))
-    worst = 0.0
-    for p_local, p_ddp in zip(local.parameters(), ddp.module.parameters()):
-        mean = p_local.grad.clone()
-        dist.all_reduce(mean)
-        mean /= 2
-        worst = max(worst, (mean - p_ddp.grad).abs().max().item())
-    same = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
-    ref = same.clone()
-    dist.broadcast(ref, 0)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"worst": worst, "in_sync": bool(torch.equal(ref, same))}))
+    results = {}
+    for partner in ("second_batch", "batch"):
+        args = train_acdc.parse_args(["--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2",
+                                      "--max_iterations", "10", "--device", "cpu", "--conf_thresh", "0.3",
+                                      "--cutmix_partner", partner])
+        torch.manual_seed(0)
+        base = build_model("acdc")
+        local, ddp = copy.deepcopy(base), torch.nn.parallel.DistributedDataParallel(copy.deepcopy(base))
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
+        batch = {k: torch.randn(2, 1, 32, 32, generator=g) for k in ("x_l", "x_w", "x_s1", "x_s2")}
+        batch["y_l"] = torch.randint(0, 4, (2, 32, 32), generator=g)
+        if partner == "second_batch":
+            batch.update({k: torch.randn(2, 1, 32, 32, generator=g) for k in ("x_w_p", "x_s1_p", "x_s2_p")})
+        for model in (local, ddp):
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            train_acdc.train_iteration(model, opt, batch, 3, args, torch.device("cpu"))
+        worst = 0.0
+        for p_local, p_ddp in zip(local.parameters(), ddp.module.parameters()):
+            mean = p_local.grad.clone()
+            dist.all_reduce(mean)
+            mean /= 2
+            worst = max(worst, (mean - p_ddp.grad).abs().max().item())
+        same = torch.cat([p.detach().flatten() for p in ddp.module.parameters()])
+        ref = same.clone()
+        dist.broadcast(ref, 0)
+        results[partner] = {"worst": worst, "in_sync": bool(torch.equal(ref, same)),
+                            "training": ddp.training and ddp.module.training and local.training}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
 
@@ -175,5 +187,7 @@ def test_ddp_gradient_of_the_two_pass_iteration_is_the_mean_of_local_gradients(t
         port = s.getsockname()[1]
     mp.spawn(_grad_worker, args=(port, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert res["worst"] == 0.0 and res["in_sync"], res
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results.keys() == {"second_batch", "batch"}
+        for res in results.values():
+            assert res["worst"] == 0.0 and res["in_sync"] and res["training"], results

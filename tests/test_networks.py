@@ -98,3 +98,34 @@ def test_vnet_dropout_is_seeded_in_training_and_off_in_eval():
     assert torch.equal(e, forward(8))
     m.has_dropout = False                 # in eval mode the dropout is the identity
     assert torch.equal(e, forward(9))
+
+
+def test_vnet_output_dropout_only_in_the_plain_forward():
+    """The perturbed (two-pass) forward decodes without the Dropout3d before out_conv, as the release's
+    no_drop=True decode; a plain forward (supervised training) keeps it; --pert_out_dropout restores it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    for pert_out in (False, True):
+        m = build_model("la", 0.0, 0.0, pert_out_dropout=pert_out).train()
+        calls = []
+        m.dropout.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+        m(x)  # plain: bottleneck + output dropout
+        assert len(calls) == 2
+        calls.clear()
+        m(x, n_pert=1)  # perturbed: the bottleneck dropout, the output dropout only with pert_out_dropout
+        assert len(calls) == (2 if pert_out else 1)
+
+
+@pytest.mark.parametrize("task,shape", [("la", (2, 1, 16, 16, 16)), ("acdc", (2, 1, 32, 32))])
+def test_feature_perturbations_apply_in_eval_mode_too(task, shape):
+    """As in the release (its perturbation modules never leave training mode), an eval-mode perturbed forward
+    still perturbs: the CutMix partners' teachers are computed that way; the unperturbed part is the plain
+    eval-mode output."""
+    torch.manual_seed(0)
+    m = build_model(task).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        plain = m(x)
+        out = m(x, n_pert=2)
+    assert torch.allclose(out[:2], plain, atol=1e-5)
+    assert not torch.allclose(out[2:4], plain, atol=1e-3) and not torch.allclose(out[4:], plain, atol=1e-3)

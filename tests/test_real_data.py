@@ -78,7 +78,7 @@ def test_la_trainset_on_real_cases():
     root = Path(LA_ROOT)
     cases = read_list(root / "train.list")[:3]
     ds = TrainSet("la", root, cases, n_labeled=1, patch_size=(112, 112, 80))
-    batch = collate_two_stream([ds[(0, 1)], ds[(2, 2)]])
+    batch = collate_two_stream([ds[(0, 1, "l")], ds[(2, 2, "u")]])
     assert batch["x_l"].shape == (1, 1, 112, 112, 80) and batch["y_l"].shape == (1, 112, 112, 80)
     assert set(torch.unique(batch["y_l"]).tolist()) <= {0, 1}
     assert batch["x_s1"].shape == (1, 1, 112, 112, 80)
@@ -127,7 +127,7 @@ def test_acdc_trainset_on_real_slices():
     root = Path(ACDC_ROOT)
     names = read_list(root / "train_slices.list")[:4]
     ds = TrainSet("acdc", root, names, n_labeled=2, patch_size=(256, 256))
-    batch = collate_two_stream([ds[(i, i)] for i in range(4)])
+    batch = collate_two_stream([ds[(i, i, "l" if i < 2 else "u")] for i in range(4)])
     assert batch["x_l"].shape == (2, 1, 256, 256) and batch["x_w"].shape == (2, 1, 256, 256)
     assert int(batch["y_l"].max()) <= 3 and float(batch["x_s1"].min()) >= 0 and float(batch["x_s1"].max()) <= 1
 

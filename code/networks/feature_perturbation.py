@@ -1,22 +1,16 @@
 """Feature-level perturbations P_w and P_s of CrossMatch (docs/METHOD.md).
 
-Channel dropout on every encoder output level (all skip features and the bottleneck), with an independent
-mask per level and per sample. ``expand`` stacks the perturbed copies on the batch axis so that one decoder
-call decodes the unperturbed batch and both perturbations of its last ``n`` samples (Section III-F)."""
+Channel dropout on every encoder output level (all skip features and the bottleneck), with an independent mask
+per level and per sample. ``expand`` stacks the perturbed copies on the batch axis, so that one decoder call
+decodes the unperturbed batch and both perturbations of its last ``n`` samples (Section III-F). The
+perturbations apply whenever they are asked for, in eval mode too, as in the release (whose perturbation
+modules never leave training mode): its teachers of the CutMix partner batch are computed that way.
+"""
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("dropout", "alpha", "feature_alpha")
-
-
-def make_dropout(kind: str, p: float, dim: int) -> nn.Module:
-    if kind == "dropout":
-        return (nn.Dropout2d if dim == 2 else nn.Dropout3d)(p)
-    if kind == "alpha":
-        return nn.AlphaDropout(p)
-    if kind == "feature_alpha":
-        return nn.FeatureAlphaDropout(p)
-    raise ValueError(f"--dropout_type {kind!r}: expected one of {', '.join(KINDS)}")
 
 
 class FeaturePerturbation(nn.Module):
@@ -25,8 +19,17 @@ class FeaturePerturbation(nn.Module):
         for name, p in (("--drop_weak", p_weak), ("--drop_strong", p_strong)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} {p}: expected a dropout rate in [0, 1)")
-        self.weak = make_dropout(kind, p_weak, dim)
-        self.strong = make_dropout(kind, p_strong, dim)
+        if kind not in KINDS:
+            raise ValueError(f"--dropout_type {kind!r}: expected one of {', '.join(KINDS)}")
+        self.p_weak, self.p_strong = p_weak, p_strong
+        self.dropout = {"dropout": F.dropout2d if dim == 2 else F.dropout3d, "alpha": F.alpha_dropout,
+                        "feature_alpha": F.feature_alpha_dropout}[kind]
+
+    def weak(self, f):
+        return self.dropout(f, self.p_weak, training=True)
+
+    def strong(self, f):
+        return self.dropout(f, self.p_strong, training=True)
 
     def expand(self, feats, n: int):
         """Each level f (batch B) -> cat([f, P_w(f[-n:]), P_s(f[-n:])]) (batch B + 2n)."""

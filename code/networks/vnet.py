@@ -2,8 +2,9 @@
 
 Encoder stages of 1-2-3-3-3 convolutions joined by stride-2 convolutions, decoder stages of 3-3-2-1
 joined by stride-2 transposed convolutions, additive skips, Dropout3d(0.5) on the bottleneck and before the
-output convolution when ``has_dropout``. ``forward(x, n_pert=n)`` is CrossMatch's feature-perturbed forward:
-see networks/feature_perturbation.py."""
+output convolution when ``has_dropout``. ``forward(x, n_pert=n)`` is CrossMatch's feature-perturbed forward
+(networks/feature_perturbation.py); it decodes without the output dropout, as the release does, unless
+``pert_out_dropout``."""
 import torch
 from torch import nn
 
@@ -27,7 +28,8 @@ def up(c_in: int, c_out: int) -> nn.Sequential:
 
 class VNet(nn.Module):
     def __init__(self, n_channels: int = 1, n_classes: int = 2, n_filters: int = 16, has_dropout: bool = True,
-                 drop_weak: float = 0.25, drop_strong: float = 0.75, dropout_type: str = "dropout"):
+                 drop_weak: float = 0.25, drop_strong: float = 0.75, dropout_type: str = "dropout",
+                 pert_out_dropout: bool = False):
         super().__init__()
         f = n_filters
         self.enc1 = conv_stage(1, n_channels, f)
@@ -50,7 +52,7 @@ class VNet(nn.Module):
         self.dec1 = conv_stage(1, f, f)
         self.out_conv = nn.Conv3d(f, n_classes, 1)
 
-        self.has_dropout = has_dropout
+        self.has_dropout, self.pert_out_dropout = has_dropout, pert_out_dropout
         self.dropout = nn.Dropout3d(0.5)
         self.perturb = FeaturePerturbation(3, drop_weak, drop_strong, dropout_type)
 
@@ -64,16 +66,16 @@ class VNet(nn.Module):
             x5 = self.dropout(x5)
         return [x1, x2, x3, x4, x5]
 
-    def decode(self, feats):
+    def decode(self, feats, out_dropout: bool = True):
         x1, x2, x3, x4, x5 = feats
         x = self.dec4(self.up5(x5) + x4)
         x = self.dec3(self.up4(x) + x3)
         x = self.dec2(self.up3(x) + x2)
         x = self.dec1(self.up2(x) + x1)
-        if self.has_dropout:
+        if self.has_dropout and out_dropout:
             x = self.dropout(x)
         return self.out_conv(x)
 
     def forward(self, x, n_pert: int = 0):
         """Logits for x; with n_pert=n, logits for [x, P_w(last n of x), P_s(last n of x)] (batch B + 2n)."""
-        return self.decode(self.perturb.expand(self.encode(x), n_pert))
+        return self.decode(self.perturb.expand(self.encode(x), n_pert), n_pert == 0 or self.pert_out_dropout)

@@ -20,58 +20,19 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(image, sigma=sigma, truncate=3.0, mode="reflect").astype(np.float32, copy=False)
 
 
-def _legendre_basis(n: int, degree: int) -> np.ndarray:
-    """(n, degree + 1) Legendre polynomials P_0..P_degree on n points spanning [-1, 1]."""
-    t = np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
-    return np.polynomial.legendre.legvander(t, degree).astype(np.float32)
-
-
-def smooth_bias_field(shape: Sequence[int], rng: np.random.Generator, degree: int = 3,
-                      max_log_amplitude: tuple[float, float] = (0.05, 0.26)) -> np.ndarray:
-    """A smooth positive multiplicative field of ``shape`` (2D or 3D), values in [exp(-a), exp(a)].
-
-    log field = sum of products of per-axis Legendre polynomials with total degree 1..``degree`` and
-    standard-normal coefficients, rescaled so that its largest magnitude is ``a ~ U(max_log_amplitude)``
-    (the default keeps the field within about [0.77, 1.30]). Computed as separable tensor contractions.
-    """
-    shape = tuple(int(s) for s in shape)
-    d = degree + 1
-    grids = np.indices((d,) * len(shape)).sum(axis=0)
-    coeffs = rng.standard_normal((d,) * len(shape)).astype(np.float32)
-    coeffs[(grids == 0) | (grids > degree)] = 0.0
-    amplitude = rng.uniform(*max_log_amplitude)
-    bases = [_legendre_basis(n, degree) for n in shape]
-    # contract one coefficient axis at a time, last axis first, each step a C-ordered einsum (no BLAS:
-    # BLAS threads cost far more than they save on these thin contractions inside loader workers)
-    coef_letters, grid_letters = "abcdefgh", "stuvwxyz"[-len(shape):]
-    t = coeffs
-    for axis in range(len(shape) - 1, -1, -1):
-        src = coef_letters[:axis + 1] + grid_letters[axis + 1:]
-        dst = coef_letters[:axis] + grid_letters[axis:]
-        t = np.einsum(f"{src},{grid_letters[axis]}{coef_letters[axis]}->{dst}", t, bases[axis])
-    log_field = np.ascontiguousarray(t, dtype=np.float32)
-    peak = float(np.abs(log_field).max())
-    if peak > 0:
-        log_field *= np.float32(amplitude / peak)
-    return np.exp(log_field, out=log_field)
-
-
-def _bias_and_gamma(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rescale to [0, 1], multiply by a smooth field, apply gamma, map back to the original range."""
-    field = smooth_bias_field(image.shape, rng)
-    gamma = np.float32(np.exp(rng.uniform(-0.5, 0.5)))
-    lo = np.float32(image.min())
-    hi = np.float32(image.max())
-    span = hi - lo
-    if not np.isfinite(span) or span <= 0:
-        return image.copy()
-    v = image - lo
-    v *= np.float32(1.0) / span
-    v *= field
-    np.power(v, gamma, out=v)
-    v *= span
-    v += lo
-    return v
+def bias_field(shape, coefficients, order: int = 3) -> np.ndarray:
+    """torchio's BiasField: ``exp(sum_{a+b+c <= order} coefficient_abc x^a y^b z^c)`` with each axis's voxel
+    centres normalised to [-1, 1]; the coefficients in torchio's order (x outermost, z innermost). float32."""
+    axes = []
+    for n in shape:
+        r = np.arange(-n / 2, n / 2) + 0.5
+        axes.append(r / r.max() if r.max() > 0 else r)
+    c = np.zeros((order + 1,) * 3)
+    powers = [(a, b, k) for a in range(order + 1) for b in range(order + 1 - a) for k in range(order + 1 - a - b)]
+    for (a, b, k), value in zip(powers, coefficients, strict=True):
+        c[a, b, k] = value
+    vx, vy, vz = (np.vander(r, order + 1, increasing=True) for r in axes)
+    return np.exp(np.einsum("abc,ia,jb,kc->ijk", c, vx, vy, vz, optimize=True)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,14 +82,18 @@ def weak_3d(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int],
 
 def strong_3d(image: np.ndarray, rng: np.random.Generator, p_intensity: float = 0.8,
               p_blur: float = 0.5) -> np.ndarray:
-    """LA strong view of a (weak) volume: with ``p_intensity`` a smooth multiplicative bias field and a
-    random gamma (log gamma ~ U(-0.5, 0.5)) on intensities rescaled to [0, 1] and mapped back; with
-    ``p_blur`` a Gaussian blur, sigma ~ U(0.1, 2). Shape kept, float32 out, input untouched."""
-    out = np.array(image, dtype=np.float32, copy=True, order="C")
+    """LA strong view of a (weak) volume, the release's torchio pipeline in NumPy/SciPy: with ``p_intensity``
+    RandomBiasField() (20 coefficients U(-0.5, 0.5), order 3: ``bias_field``) then RandomGamma((-0.5, 0.5))
+    (gamma = exp U(-0.5, 0.5), applied as sign(v) |v|^gamma where the volume has negative values, as torchio
+    does); with ``p_blur`` RandomBlur((0.1, 2)) (a Gaussian with sigma U(0.1, 2) drawn per axis, scipy's
+    gaussian_filter with its defaults). float32 out, the input untouched."""
+    out = np.array(image, dtype=np.float32)
     if rng.random() < p_intensity:
-        out = _bias_and_gamma(out, rng)
+        out *= bias_field(out.shape, rng.uniform(-0.5, 0.5, 20))
+        gamma = float(np.exp(rng.uniform(-0.5, 0.5)))
+        out = np.sign(out) * np.abs(out) ** gamma if out.min() < 0 else out ** gamma
     if rng.random() < p_blur:
-        out = _gaussian_blur(out, float(rng.uniform(0.1, 2.0)))
+        out = ndimage.gaussian_filter(out, rng.uniform(0.1, 2.0, 3))
     return np.ascontiguousarray(out, dtype=np.float32)
 
 

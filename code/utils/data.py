@@ -153,15 +153,18 @@ def acdc_labeled_slices(names: list, labelnum: int, list_name: str, need_unlabel
 class TrainSet(Dataset):
     """The training cases of a list, read and checked once, kept in memory.
 
-    ``dataset[(index, aug_seed)]`` is, for ``index < n_labeled``, ``dict(kind='l', index, image (1, *patch),
-    label (*patch) int64)``, the weak view of image and label; otherwise ``dict(kind='u', index, image_w,
-    image_s1, image_s2)``, the weak view and two independent strong views of it. Every random choice comes
-    from ``SeedSequence(aug_seed)`` (weak view, strong view 1, strong view 2: one child each). LA cases are
-    randomly cropped to the patch (rot90 + flip first), ACDC slices zoomed to it.
+    ``dataset[(index, aug_seed, kind)]`` is, for kind 'l' (a labeled index), ``dict(kind, index, image
+    (1, *patch), label (*patch) int64)``, the weak view of image and label; for kind 'u' (unlabeled) or 'p'
+    (a CutMix partner) ``dict(kind, index, image_w, image_s1, image_s2)``, the weak view and two independent
+    strong views of it. Every random choice comes from ``SeedSequence(aug_seed)`` (weak view, strong view 1,
+    strong view 2: one child each). LA cases are randomly cropped to the patch (rot90 + flip first), ACDC slices
+    zoomed to it. ``uint8_unlabeled`` rounds the unlabeled views to 8-bit values, as the release's ACDC image
+    pipeline does (the weak view truncated, the strong views rounded).
     """
 
-    def __init__(self, task: str, root, names, n_labeled: int, patch_size):
+    def __init__(self, task: str, root, names, n_labeled: int, patch_size, uint8_unlabeled: bool = False):
         self.task, self.n_labeled, self.patch_size = task, n_labeled, tuple(patch_size)
+        self.uint8_unlabeled = uint8_unlabeled
         self.weak, self.strong = (weak_3d, strong_3d) if task == "la" else (weak_2d, strong_2d)
         self.images, self.labels = [], []
         for i, name in enumerate(names):
@@ -173,13 +176,17 @@ class TrainSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, item):
-        index, seed = item
+        index, seed, kind = item
         rng_w, rng_s1, rng_s2 = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
-        if index < self.n_labeled:
+        if kind == "l":
             x, y = self.weak(self.images[index], self.labels[index], self.patch_size, rng_w)
-            return {"kind": "l", "index": index, "image": torch.from_numpy(x)[None],
+            return {"kind": kind, "index": index, "image": torch.from_numpy(x)[None],
                     "label": torch.from_numpy(y.astype(np.int64))}
         x_w, _ = self.weak(self.images[index], None, self.patch_size, rng_w)
-        return {"kind": "u", "index": index, "image_w": torch.from_numpy(x_w)[None],
-                "image_s1": torch.from_numpy(self.strong(x_w, rng_s1))[None],
-                "image_s2": torch.from_numpy(self.strong(x_w, rng_s2))[None]}
+        if self.uint8_unlabeled:
+            x_w = np.floor(x_w * 255) / np.float32(255)
+        views = [self.strong(x_w, rng) for rng in (rng_s1, rng_s2)]
+        if self.uint8_unlabeled:
+            views = [np.round(v * 255) / np.float32(255) for v in views]
+        return {"kind": kind, "index": index, "image_w": torch.from_numpy(x_w)[None],
+                "image_s1": torch.from_numpy(views[0])[None], "image_s2": torch.from_numpy(views[1])[None]}

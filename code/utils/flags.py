@@ -1,18 +1,34 @@
-"""The training scripts' flags: one parser for both tasks with each task's defaults, and their checks.
+"""The training scripts' flags: one parser for both tasks with each task's defaults, the two presets, and
+the checks of the values.
 
-Every flag keeps the lineage's name. ``--print_config`` prints the resolved settings as JSON and
-``--print_run_dir`` the run folder, both without touching the data or the run folder.
+``--preset paper`` (the default) follows the paper where it states a setting and the authors' release where it
+is silent; ``--preset release`` follows the release everywhere (docs/METHOD.md, settings). A preset only sets
+defaults: every row is its own flag and an explicit flag wins. ``--print_config`` prints the resolved settings
+as JSON and ``--print_run_dir`` the run folder, both without touching the data or the run folder.
 """
 import argparse
 
-# the task defaults (docs/METHOD.md, settings)
+# the task defaults that both presets share
 TASK_DEFAULTS = {
-    "la": dict(root_path="data/LA", train_list="train.list", labelnum=8, max_iterations=9000, batch_size=4,
-               labeled_bs=2, base_lr=1e-3, optimizer="adamw", patch_size=[112, 112, 80], conf_thresh=0.85,
-               save_every=500),
+    "la": dict(root_path="data/LA", train_list="train.list", labelnum=8, batch_size=4, labeled_bs=2, base_lr=1e-3,
+               optimizer="adamw", patch_size=[112, 112, 80], save_every=500),
     "acdc": dict(root_path="data/ACDC", train_list="train_slices.list", labelnum=7, max_iterations=None,
-                 batch_size=24, labeled_bs=12, base_lr=0.01, optimizer="sgd", patch_size=[256, 256],
-                 conf_thresh=0.95, save_every=1000),
+                 batch_size=24, labeled_bs=12, base_lr=0.01, optimizer="sgd", patch_size=[256, 256], save_every=1000),
+}
+# the rows where the presets differ (a flag left unset takes its preset's value)
+PRESETS = {
+    "paper": {
+        "la": dict(max_iterations=9000, poly_horizon=None, conf_thresh=0.85, conf_ramp=0, ip_loss="stacked",
+                   tkd_loss="stacked", kd_weight=0.5, nesterov=False),
+        "acdc": dict(poly_horizon=None, conf_thresh=0.95, conf_ramp=0, ip_loss="stacked", tkd_loss="stacked",
+                     kd_weight=0.5, nesterov=False, uint8_unlabeled=False),
+    },
+    "release": {
+        "la": dict(max_iterations=14000, poly_horizon=17000, conf_thresh=0.75, conf_ramp=17000, ip_loss="mean",
+                   tkd_loss="mean", kd_weight=1.0, nesterov=False),
+        "acdc": dict(poly_horizon=None, conf_thresh=0.95, conf_ramp=0, ip_loss="mean", tkd_loss="mean",
+                     kd_weight=0.5, nesterov=True, uint8_unlabeled=True),
+    },
 }
 # flags that may differ when a run is resumed (where the data is, how the run is watched and computed);
 # any other difference is refused, because it would change what is trained
@@ -32,9 +48,12 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     """The flags of ``train_<task>.py``, with the task's defaults."""
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="paper",
+      help="paper: the paper where it speaks, the release where it is silent; release: the release everywhere")
     a("--root_path", help="data root (relative paths: against the repository root)")
     a("--train_list", help="training list, a name inside the root or a path")
-    a("--exp", default="CrossMatch", help="experiment name; run folder <out_dir>/<TASK>_<exp>_<labelnum>_labeled")
+    a("--exp", help="experiment name (default CrossMatch or Supervised, _release added for --preset release); "
+                    "run folder <out_dir>/<TASK>_<exp>_<labelnum>_labeled")
     a("--labelnum", type=int, help="LA: labeled cases (first N of the list); ACDC: labeled patients")
     a("--max_iterations", type=int, help="training iterations" + (" (default: from --epochs)" if task == "acdc" else ""))
     a("--batch_size", type=int, help="samples per iteration and process, labeled + unlabeled")
@@ -42,16 +61,30 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--base_lr", type=float)
     a("--optimizer", choices=["adamw", "sgd"])
     a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--nesterov", action="store_true", help="SGD with Nesterov momentum")
+    a("--nesterov", action=argparse.BooleanOptionalAction, help="SGD with Nesterov momentum (preset)")
     a("--weight_decay", type=float, default=1e-4)
-    a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / max_iterations) ** power")
+    a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / poly_horizon) ** power")
+    a("--poly_horizon", type=int, help="iterations of the poly schedule (preset; default --max_iterations)")
     a("--patch_size", type=int, nargs="+", help="LA: random crop X Y Z; ACDC: slices zoomed to H W")
-    a("--conf_thresh", type=float, help="tau: confidence threshold of the pseudo-labels")
+    a("--conf_thresh", type=float, help="tau: confidence threshold of the pseudo-labels (preset)")
+    a("--conf_ramp", type=int, help="0: tau constant; N: tau = (T + (1 - T) sigmoid_rampup(it, N)) ln 2 (the "
+                                    "release's LA schedule, T = --conf_thresh) (preset)")
+    a("--ip_loss", choices=["stacked", "mean"], help="L_ip: one criterion over cat(p_s1, p_s2) (Algorithm 1) or "
+                                                      "the mean of the two views' criteria (release) (preset)")
+    a("--tkd_loss", choices=["stacked", "mean"], help="L_tkd: one criterion over the four stacked students "
+                                                       "(Algorithm 1) or the mean of their criteria (release) (preset)")
+    a("--kd_weight", type=float, help="loss = (L_sup + 0.5 L_ip + kd_weight ((1 - eta) L_tkd + eta L_dkd)) / 2: "
+                                      "0.5 is Algorithm 1, the release uses 1.0 on LA (preset)")
     a("--eta", type=float, default=0.3, help="weight of L_dkd against L_tkd")
     a("--drop_weak", type=float, default=0.25, help="P_w channel dropout rate")
     a("--drop_strong", type=float, default=0.75, help="P_s channel dropout rate")
     a("--dropout_type", choices=["dropout", "alpha", "feature_alpha"], default="dropout", help="Fig. 5")
     a("--cutmix_p", type=float, default=0.5, help="probability of a CutMix box in each strong view (0: off)")
+    a("--cutmix_partner", choices=["second_batch", "batch"], default="second_batch",
+      help="second_batch: boxes from a second unlabeled batch, its teachers from extra no-grad forwards (the "
+           "release); batch: from another sample of the same batch (cheaper)")
+    a("--pert_out_dropout", action="store_true",
+      help="V-Net: also apply the output Dropout3d in the perturbed forward (the release does not)")
     a("--unsup_loss", choices=["dice", "ce"], default="dice", help="unlabeled criterion (the paper: dice)")
     a("--method", choices=["crossmatch", "supervised"], default="crossmatch",
       help="supervised: --batch_size labeled samples per batch, no unlabeled data")
@@ -73,12 +106,26 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     a("--print_config", action="store_true", help="print the resolved settings as JSON and exit")
     a("--print_run_dir", action="store_true", help="print the run folder and exit")
+    if task == "acdc":
+        a("--uint8_unlabeled", action=argparse.BooleanOptionalAction,
+          help="round unlabeled views to 8-bit values as the release's image pipeline does (preset)")
     p.set_defaults(task=task, **TASK_DEFAULTS[task])
     return p
 
 
+def apply_preset(args) -> None:
+    """Fill every preset row the command line left unset from ``PRESETS[args.preset][args.task]``, and --exp."""
+    for key, value in PRESETS[args.preset][args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.exp is None:
+        args.exp = ("CrossMatch" if args.method == "crossmatch" else "Supervised") + (
+            "_release" if args.preset == "release" else "")
+
+
 def check_train_args(p: ArgumentParser, args) -> None:
-    """Values that parse but make no sense end with a one-line error naming the flag."""
+    """Apply the preset, then refuse values that parse but make no sense (a one-line error naming the flag)."""
+    apply_preset(args)
     def bad(flag, want):
         value = getattr(args, flag[2:])
         p.error(f"argument {flag}: {' '.join(map(str, value)) if isinstance(value, list) else value}: expected {want}")
@@ -101,6 +148,11 @@ def check_train_args(p: ArgumentParser, args) -> None:
             bad(flag, "a dropout rate in [0, 1)")
     if args.base_lr <= 0:
         bad("--base_lr", "a positive number")
+    if args.poly_horizon is not None and args.max_iterations is not None and args.poly_horizon < args.max_iterations:
+        bad("--poly_horizon", f"at least --max_iterations ({args.max_iterations})")
+    for flag in ("--conf_ramp", "--kd_weight"):
+        if getattr(args, flag[2:]) < 0:
+            bad(flag, "0 or more")
     for flag in ("--weight_decay", "--num_workers"):
         if getattr(args, flag[2:]) < 0:
             bad(flag, "0 or more")

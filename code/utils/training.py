@@ -4,6 +4,7 @@ Seeding: every random draw of a run is a function of (seed, iteration, rank), ne
 run resumed at any iteration continues exactly as an uninterrupted one would.
 """
 import contextlib
+import math
 import os
 import random
 
@@ -76,15 +77,32 @@ def make_optimizer(model, args):
 
 
 def poly_lr(args, it: int) -> float:
-    """The learning rate of iteration ``it``: ``base_lr * (1 - it / max_iterations) ** poly_power``."""
-    return args.base_lr * (1.0 - it / args.max_iterations) ** args.poly_power
+    """The learning rate of iteration ``it``: ``base_lr * (1 - it / horizon) ** poly_power``, the horizon
+    ``--poly_horizon`` (the release's LA: 17000) or ``--max_iterations``."""
+    return args.base_lr * (1.0 - it / (args.poly_horizon or args.max_iterations)) ** args.poly_power
+
+
+def sigmoid_rampup(it: float, length: int) -> float:
+    """``exp(-5 (1 - it / length)^2)`` with ``it`` clipped to [0, length]; 1 when ``length`` is 0."""
+    if length == 0:
+        return 1.0
+    phase = 1.0 - min(max(it, 0), length) / length
+    return math.exp(-5.0 * phase * phase)
+
+
+def conf_threshold(args, it: int) -> float:
+    """tau at iteration ``it``: ``--conf_thresh``, or with ``--conf_ramp N`` the release's LA schedule
+    ``(T + (1 - T) sigmoid_rampup(it, N)) ln 2`` (T = 0.75: 0.521 at the start, 0.668 at 14000 of 17000)."""
+    if not args.conf_ramp:
+        return args.conf_thresh
+    return (args.conf_thresh + (1 - args.conf_thresh) * sigmoid_rampup(it, args.conf_ramp)) * math.log(2)
 
 
 def build_for_training(task: str, args, device, world: int, ckpt=None, path=None) -> tuple:
     """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit)."""
     from networks import build_model
     from utils.checkpoint import CheckpointError, load_weights
-    model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type)
+    model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2))
