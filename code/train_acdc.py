@@ -217,8 +217,8 @@ def main(argv=None):
                                       data_warnings + warnings)
         log.info(f"ACDC {args.method}: {args.labelnum} labeled patients = {n_labeled} slices / "
                  f"{len(dataset) - n_labeled} unlabeled slices, {labeled_bs}+{unlabeled_bs} per batch x {world} "
-                 f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}; "
-                 f"run folder {run_dir}")
+                 f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}, "
+                 f"preset {args.preset}; run folder {run_dir}")
 
     model.train()
     bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")

@@ -182,7 +182,8 @@ def main(argv=None):
                                       warnings)
         log.info(f"LA {args.method}: {args.labelnum} labeled / {len(dataset) - args.labelnum} unlabeled cases, "
                  f"{labeled_bs}+{unlabeled_bs} per batch x {world} process(es), iterations {start} -> "
-                 f"{args.max_iterations}, device {device}, amp {args.amp}; run folder {run_dir}")
+                 f"{args.max_iterations}, device {device}, amp {args.amp}, preset {args.preset}; "
+                 f"run folder {run_dir}")
 
     model.train()
     bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")

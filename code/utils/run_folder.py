@@ -14,10 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy
+import scipy
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from utils import REPO_ROOT, resolve
+from utils.checkpoint import remove_temp_files
 from utils.distributed import any_rank, cleanup
 
 
@@ -54,7 +58,6 @@ def make_run_dir(args) -> Path:
 def open_run_folder(args, config: dict, warnings=()) -> tuple:
     """Rank 0, once the data is loaded: create the run folder, remove temporary files a killed run left, write
     config.json, start the log and the tensorboard writer. Returns ``(log, writer)``."""
-    from utils.checkpoint import remove_temp_files
     run_dir = make_run_dir(args)
     log = get_logger(run_dir)
     for name in remove_temp_files(run_dir):
@@ -81,9 +84,6 @@ def config_of(args, **extra) -> dict:
 
 
 def write_config(run_dir: Path, config: dict) -> None:
-    import h5py
-    import numpy
-    import scipy
     config = {**config, "command": " ".join(sys.argv), "git_commit": git_commit(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                            "numpy": numpy.__version__, "scipy": scipy.__version__, "h5py": h5py.__version__}}

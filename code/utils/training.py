@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 
+from networks import build_model
+from utils.checkpoint import CheckpointError, load_weights
 from utils.distributed import init_distributed, rank
 
 
@@ -100,8 +102,6 @@ def conf_threshold(args, it: int) -> float:
 
 def build_for_training(task: str, args, device, world: int, ckpt=None, path=None) -> tuple:
     """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit)."""
-    from networks import build_model
-    from utils.checkpoint import CheckpointError, load_weights
     model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
