@@ -16,11 +16,12 @@ from tqdm import tqdm
 from utils import resolve
 from utils.checkpoint import finish_done_run, load_resume, save_training_state
 from utils.cutmix import partner_index, sample_boxes
-from utils.data import DataError, TrainSet, find_list, read_list
+from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
 from utils.distributed import cleanup
 from utils.flags import check_train_args, train_parser
 from utils.losses import UNSUP_CRITERIA, supervised_loss
-from utils.run_folder import check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder, run_dir_of
+from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
+                              run_dir_of, run_training, stop_training)
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
 from utils.training import (autocast, build_for_training, conf_threshold, iteration_seed, memory_format, poly_lr, setup,
                             wrap_model)
@@ -140,8 +141,14 @@ def main(argv=None):
         print(run_dir_of(args) if args.print_run_dir else json.dumps(config_of(args, run_dir=str(run_dir_of(args))),
                                                                        indent=2, default=str))
         return run_dir_of(args)
+    return run_training(train, args)
+
+
+def train(args):
+    """Set-up, data, run folder (rank 0 holds it from check_run_dir on), model and the training loop; returns the
+    run folder."""
     device, rank, world, local_rank = setup(args)
-    run_dir = check_run_dir(args)
+    run_dir = check_run_dir(args, rank)
     root = resolve(args.root_path)
     try:
         names = read_list(find_list(root, args.train_list))
@@ -155,7 +162,8 @@ def main(argv=None):
     supervised = args.method == "supervised"
     labeled_bs, unlabeled_bs = (args.batch_size, 0) if supervised else (args.labeled_bs, args.batch_size - args.labeled_bs)
 
-    ckpt, warnings = load_resume(run_dir / "latest.pth", args, world) if args.resume else (None, [])
+    data = data_fingerprint("la", root, names[:args.labelnum], [] if supervised else names[args.labelnum:])
+    ckpt, warnings = load_resume(run_dir / "latest.pth", args, world, data) if args.resume else (None, [])
     log = get_logger(quiet=rank != 0)
     if finish_done_run(ckpt, args, run_dir, rank, log):
         cleanup()
@@ -187,21 +195,25 @@ def main(argv=None):
 
     model.train()
     bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
-    t0 = time.time()
-    for it, batch in enumerate(loader, start=start):
-        logs, p_l = train_iteration(train_model, optimizer, batch, it, args, device)
-        done = it + 1
-        log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
-        if writer is not None and done % args.image_every == 0:
-            log_images(writer, batch, p_l, done)
-        if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
-            save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world)
-            writer.flush()
-        bar.update(1)
+    t0, done = time.time(), start
+    try:
+        for it, batch in enumerate(loader, start=start):
+            logs, p_l = train_iteration(train_model, optimizer, batch, it, args, device)
+            done = it + 1
+            log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
+            if writer is not None and done % args.image_every == 0:
+                log_images(writer, batch, p_l, done)
+            if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
+                save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
+                writer.flush()
+            bar.update(1)
+    except BaseException as e:  # the bar ends its line; Ctrl-C and a failed collective end with one line
+        bar.close()
+        stop_training(e, run_dir, done, args.max_iterations)
     bar.close()
     if rank == 0:
         save_training_state(run_dir / f"iter_{args.max_iterations}.pth", model, optimizer, args.max_iterations, args,
-                            world)
+                            world, data)
         writer.close()
         log.info(f"done: {args.max_iterations - start} iterations in {time.time() - t0:.1f} s; final checkpoint "
                  f"{run_dir / f'iter_{args.max_iterations}.pth'}")

@@ -219,9 +219,12 @@ CASES = [
     Case("--device tpu", LA, ["--device", "tpu"], None, 1, ["--device tpu", "expected auto, cpu, cuda or cuda:N"]),
     Case("--batch_size abc", LA, ["--batch_size", "abc"], None, 2, ["--batch_size", "invalid int value: 'abc'"]),
     Case("--resume --overwrite", LA, ["--resume", "--overwrite"], None, 2, ["--resume and --overwrite"]),
+    Case("--ddp_timeout 0", LA, ["--ddp_timeout", "0"], None, 2, ["argument --ddp_timeout: 0: expected a positive"]),
     Case("--out_dir is a file", LA, [], on_runs(out_dir_a_file), 1, ["--out_dir", "runs", "a file, expected a folder"]),
-    Case("run folder already holds a run", LA, [], on_runs(lambda out: existing_run(out, "LA")), 1,
+    Case("run folder already holds a run", LA, [], on_runs(lambda out: latest_with(out, "LA", b"x")), 1,
          ["LA_bad_2_labeled", "already holds a run", "--resume", "--overwrite"]),
+    Case("run folder stopped before its first checkpoint", LA, [], on_runs(lambda out: existing_run(out, "LA")), 1,
+         ["LA_bad_2_labeled", "without latest.pth", "pass --overwrite to start it again"]),
     Case("--resume with nothing to resume", LA, ["--resume"], None, 1,
          ["--resume", "LA_bad_2_labeled/latest.pth does not exist"]),
     Case("--resume, latest.pth random bytes", LA, ["--resume"],
@@ -403,8 +406,15 @@ def test_real_cli_exit_status_and_a_single_stderr_line(masters, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def nan_weights(task):
+    state = build_model(task).state_dict()
+    state[next(k for k in state if k.endswith("weight"))].fill_(float("nan"))
+    return state
+
+
 @pytest.mark.parametrize("script, payload, expected", [
     (test_la, b"random", "cannot be read ("),
+    (test_la, {"model": nan_weights("la"), "args": {"patch_size": [16, 16, 16]}}, "weight tensors are not finite"),
     (test_la, b"", "cannot be read (empty file)"),
     (test_acdc, {"weights": torch.zeros(1)}, "holds ['weights'], expected a dict with the keys ['model']"),
     (test_acdc, {"model": Opaque()}, "cannot be read ("),
@@ -472,6 +482,27 @@ def test_evaluation_cli_refuses_a_bad_case_with_one_line(masters, tmp_path, task
     msg = e.value.code
     assert isinstance(msg, str) and "\n" not in msg and msg.startswith("error: list ") and str(bad) in msg, msg
     assert "1 case files missing" in msg
+
+
+def test_read_only_out_dir_and_run_folder(masters, tmp_path):
+    """A read-only --out_dir is refused before the data is read; test_la.py --run on a read-only run folder before
+    any case is evaluated."""
+    la, _ = masters
+    out = tmp_path / "runs"
+    out.mkdir(mode=0o555)
+    try:
+        (out / "probe").touch()
+        pytest.skip("this user writes into read-only folders (root); tests/faults.py uses a read-only mount instead")
+    except PermissionError:
+        pass
+    with pytest.raises(SystemExit, match=rf"^error: --out_dir {out}: cannot write the run folder .*\(Permission"):
+        train_la.main(["--root_path", str(la), "--out_dir", str(out), *LA_OK])
+    run = tmp_path / "run"
+    run.mkdir()
+    good_checkpoint(run / "iter_1.pth", "la", (16, 16, 16))
+    run.chmod(0o555)
+    with pytest.raises(SystemExit, match=r"^error: output folder .*eval_train: .* is not a writable folder"):
+        test_la.main(["--run", str(run), "--root_path", str(la), "--list", "train.list", "--device", "cpu"])
 
 
 # ------------------------------------------------------------------------------------------------ non-finite

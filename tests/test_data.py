@@ -171,6 +171,29 @@ def test_la_not_an_h5(tmp_path):
     assert str(path) in expect("unreadable h5 file", load_case, "la", tmp_path, "bad")
 
 
+def test_a_damaged_gzip_chunk_is_named_in_training_and_by_check_data(syn_la, tmp_path, capsys):
+    """The published LA files are gzip-chunked: bytes zeroed inside one compressed chunk of the image give one line
+    naming the file, from the training script (when the training set reads it) and from check_data.py."""
+    la = shutil.copytree(syn_la, tmp_path / "LA")
+    path = case_path("la", la, "synla_001")
+    image, label = arrays(path)
+    path.unlink()
+    with h5py.File(path, "w") as h:
+        h.create_dataset("image", data=image, chunks=(8, 8, 8), compression="gzip")
+        h.create_dataset("label", data=label, chunks=(8, 8, 8), compression="gzip")
+        chunk = h["image"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        f.write(bytes(16))
+    expected = f"error: {path}: unreadable h5 file (OSError: "
+    with pytest.raises(SystemExit) as e:
+        train_la.main(["--root_path", str(la), "--out_dir", str(tmp_path / "runs"), "--labelnum", "2", "--patch_size",
+                       "16", "16", "16", "--device", "cpu", "--num_workers", "0"])
+    assert str(e.value.code).startswith(expected) and "\n" not in str(e.value.code), e.value.code
+    assert check_data_error(capsys, ["--task", "la", "--root_path", str(la)]).startswith(expected)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_check_case_accepts_what_the_lineage_stores():
     image, label = np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np.uint8)
     check_case("x.h5", image, label, 3, 2)

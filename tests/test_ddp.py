@@ -136,7 +136,7 @@ def test_ranks_draw_disjoint_parts_of_each_batch():
 
 def test_sync_bn_on_cpu_processes_is_refused(monkeypatch):
     import train_acdc
-    monkeypatch.setattr(training, "init_distributed", lambda use_cuda: (0, 2, 0))
+    monkeypatch.setattr(training, "init_distributed", lambda use_cuda, timeout_s: (0, 2, 0))
     args = train_acdc.parse_args(["--device", "cpu", "--sync_bn"])
     with pytest.raises(SystemExit, match="--sync_bn: SyncBatchNorm needs CUDA devices"):
         training.setup(args)

@@ -7,25 +7,32 @@ too. The data-loader worker count does not matter either. Runs are tiny (ACDC 48
 volumes with 32 x 32 x 16 patches) and use one intra-op thread in every process, so that all runs compute with
 the same kernels.
 """
+import errno
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
+import test_acdc
 import train_acdc
 import train_la
 from utils import run_folder
 from utils import checkpoint as ckpt_mod
-from utils.checkpoint import (CheckpointError, load_checkpoint, load_resume, remove_temp_files, save_checkpoint,
-                              save_training_state)
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_resume, mount_point, remove_temp_files,
+                              save_checkpoint, save_training_state)
+from utils.data import write_h5
 from utils.flags import RESUME_MAY_DIFFER
 from utils.synthetic import make_acdc, make_la
 
@@ -133,8 +140,8 @@ def acdc_reference(acdc_root, tmp_path_factory):
     snapshots.mkdir()
     real = train_acdc.save_training_state
 
-    def keeping_copies(path, model, optimizer, iteration, args, world_size=1):
-        real(path, model, optimizer, iteration, args, world_size)
+    def keeping_copies(path, model, optimizer, iteration, *rest):
+        real(path, model, optimizer, iteration, *rest)
         if Path(path).name == "latest.pth":
             shutil.copy(path, snapshots / f"latest_{iteration}.pth")
     before = torch.get_num_threads()
@@ -220,14 +227,14 @@ class Interrupt(BaseException):
     """Stands for Ctrl-C / a crash in the middle of an iteration."""
 
 
-def interrupt_at(module, monkeypatch, at_iteration=None):
-    """Make ``module.train_iteration`` raise Interrupt in iteration ``at_iteration``; returns the list of the
+def interrupt_at(module, monkeypatch, at_iteration=None, error=Interrupt):
+    """Make ``module.train_iteration`` raise ``error`` in iteration ``at_iteration``; returns the list of the
     iterations it trains (so that a test sees where a resumed run started)."""
     real, trained = module.train_iteration, []
 
     def wrapped(model, optimizer, batch, it, args, device):
         if it == at_iteration:
-            raise Interrupt(f"interrupted in iteration {it}")
+            raise error(f"interrupted in iteration {it}")
         trained.append(it)
         return real(model, optimizer, batch, it, args, device)
     monkeypatch.setattr(module, "train_iteration", wrapped)
@@ -262,7 +269,7 @@ def test_acdc_interrupted_in_the_first_iteration(acdc_root, acdc_reference, tmp_
     assert (run_dir / "config.json").is_file() and not (run_dir / "latest.pth").exists()
     with pytest.raises(SystemExit, match="nothing to resume"):
         train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="without latest.pth .*; pass --overwrite to start it again"):
         train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
     train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--overwrite"))
     assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
@@ -372,11 +379,16 @@ def test_resume_of_a_finished_run_says_so_and_trains_nothing(acdc_root, acdc_ref
     assert time.perf_counter() - t0 < 5
     assert "already finished" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == stamps  # nothing written
-    # killed between latest.pth and the final checkpoint: the final one is written from latest.pth
+    # killed between latest.pth and the final checkpoint (while writing it): the final one is written from
+    # latest.pth, the orphan temporary file removed
     final.unlink()
+    orphan = run_dir / f"iter_{ACDC_ITERS}.pth.k1ll3d.tmp"
+    orphan.write_bytes(b"PK\x03\x04 half a checkpoint")
     train_acdc.main(acdc_args(acdc_root, tmp_path, "done", "--resume"))
     assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", final)
+    assert f"removed {orphan.name}" in capsys.readouterr().err
     assert not (run_dir / "config_resume.json").exists() and not list(run_dir.glob("*.tmp"))
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(stamps)  # and no run.lock left
 
 
 def test_resume_of_a_finished_run_exits_0_through_the_cli(acdc_root, acdc_reference):
@@ -435,28 +447,29 @@ def test_resume_refuses_every_other_differing_flag(acdc_root, acdc_reference, mo
     saved = load_checkpoint(path)
     monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda *a, **k: saved)  # the same file, read once
     args = train_acdc.parse_args(acdc_args(acdc_root, acdc_reference.parent, "ref", "--resume"))
-    assert load_resume(path, args, 1)[1] == []  # the original flags: no refusal, no warning
+    assert load_resume(path, args, 1, saved["data"])[1] == []  # the original flags: no refusal, no warning
     method_flags = sorted(set(saved["args"]) - RESUME_MAY_DIFFER)
     assert {"seed", "base_lr", "eta", "cutmix_p", "conf_thresh", "patch_size", "batch_size", "labeled_bs",
             "optimizer", "max_iterations", "amp", "method", "no_ip", "drop_strong"} <= set(method_flags)
     for k in method_flags:
         changed = Namespace(**{**vars(args), k: other_value(getattr(args, k))})
         with pytest.raises(SystemExit) as e:
-            load_resume(path, changed, 1)
+            load_resume(path, changed, 1, saved["data"])
         assert f"--{k} {getattr(changed, k)} (saved {saved['args'][k]})" in str(e.value.code), (k, e.value.code)
     for k in sorted(RESUME_MAY_DIFFER & set(saved["args"]) - {"resume", "overwrite", "print_config", "print_run_dir"}):
         changed = Namespace(**{**vars(args), k: other_value(getattr(args, k))})
-        _, warnings = load_resume(path, changed, 1)
+        _, warnings = load_resume(path, changed, 1, saved["data"])
         assert warnings == [f"--resume: --{k} {getattr(changed, k)} (saved {saved['args'][k]})"], (k, warnings)
 
 
 def test_resume_warns_about_other_flags_and_another_thread_count(acdc_root, acdc_reference):
     args = train_acdc.parse_args(acdc_args(acdc_root, acdc_reference.parent, "ref", "--resume", workers=3)
                                  + ["--log_every", "5"])
+    data = load_checkpoint(acdc_reference / "latest.pth")["data"]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _, warnings = load_resume(acdc_reference / "latest.pth", args, 1)
+        _, warnings = load_resume(acdc_reference / "latest.pth", args, 1, data)
     finally:
         torch.set_num_threads(before)
     assert any("--num_workers 3 (saved 0)" in w for w in warnings)
@@ -465,7 +478,7 @@ def test_resume_warns_about_other_flags_and_another_thread_count(acdc_root, acdc
     # another intra-op thread count: allowed, with a warning that the continuation is not bit-identical
     torch.set_num_threads(2)
     try:
-        ckpt, warnings = load_resume(acdc_reference / "latest.pth", args, 1)
+        ckpt, warnings = load_resume(acdc_reference / "latest.pth", args, 1, data)
     finally:
         torch.set_num_threads(before)
     assert ckpt["num_threads"] == 1 and ckpt["iteration"] == ACDC_ITERS
@@ -488,7 +501,7 @@ def test_resume_refuses_another_number_of_processes(acdc_root, acdc_reference, t
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_checkpoint_holds_what_resume_needs(acdc_reference):
     state = load_checkpoint(acdc_reference / "latest.pth")
-    assert set(state) == {"model", "optimizer", "iteration", "args", "world_size", "num_threads"}
+    assert set(state) == {"model", "optimizer", "iteration", "args", "world_size", "num_threads", "data"}
     assert state["iteration"] == ACDC_ITERS and state["args"]["task"] == "acdc" and state["world_size"] == 1
     assert any(k.endswith("running_mean") for k in state["model"])  # buffers too
     assert state["optimizer"]["state"] and state["args"]["seed"] == 1337
@@ -530,9 +543,180 @@ def test_non_finite_weights_are_never_written(tmp_path, acdc_reference):
     with torch.no_grad():
         next(model.parameters())[0].fill_(float("nan"))
     with pytest.raises(SystemExit) as e:
-        save_training_state(path, model, opt, 9, Namespace(task="acdc", seed=1))
+        save_training_state(path, model, opt, 9, Namespace(task="acdc", seed=1), 1, {})
     msg = str(e.value.code)
     assert msg.startswith("error: non-finite weights after iteration 9") and "last checkpoint is kept" in msg
     assert str(path) in msg and "\n" not in msg
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 12
+def finished_copy(acdc_reference, tmp_path, exp):
+    """A copy of the reference run folder as a run killed after its last latest.pth: --resume writes the final
+    checkpoint from latest.pth and trains nothing."""
+    run_dir = shutil.copytree(acdc_reference, tmp_path / f"ACDC_{exp}_1_labeled")
+    (run_dir / f"iter_{ACDC_ITERS}.pth").unlink()
+    return run_dir
+
+
+HOLDER = ("import sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+          "from utils.run_folder import hold_run_dir; hold_run_dir(Path(sys.argv[2])); print('held', flush=True); "
+          "time.sleep(300)")
+
+
+def test_a_run_folder_in_use_is_refused_naming_its_holder(acdc_root, acdc_reference, tmp_path):
+    """Another process holds the run folder (run.lock): --resume is refused at once, naming it, and touches nothing
+    (not the holder's in-flight temporary file). Once the holder is killed (SIGKILL: run.lock stays behind), the
+    next run takes the folder over and leaves no run.lock."""
+    run_dir = finished_copy(acdc_reference, tmp_path, "held")
+    inflight = run_dir / "latest.pth.inflight.tmp"
+    inflight.write_bytes(b"PK\x03\x04 being written")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(CODE), str(run_dir)], stdout=subprocess.PIPE,
+                              text=True, env=child_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            train_acdc.main(acdc_args(acdc_root, tmp_path, "held", "--resume"))
+        seconds = time.perf_counter() - t0
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: run folder {run_dir} is in use by pid {holder.pid} on {socket.gethostname()} "
+                          f"since ") and "\n" not in msg and seconds < 5, msg
+    assert inflight.exists() and not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
+    assert (run_dir / "run.lock").exists()  # left by the killed holder
+    train_acdc.main(acdc_args(acdc_root, tmp_path, "held", "--resume"))
+    assert (run_dir / f"iter_{ACDC_ITERS}.pth").is_file() and not inflight.exists()
+    assert not (run_dir / "run.lock").exists()
+    print(f"\n{msg.replace(str(tmp_path), '<tmp>')} ({seconds:.2f} s)")
+
+
+def flip_a_mantissa_bit(path):
+    """Flip the lowest bit of one float32 weight inside a torch zip archive, in place: torch.load still reads it."""
+    with zipfile.ZipFile(path) as archive:
+        entry = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        pos = entry.header_offset + 30 + name_len + extra_len + 32  # byte 0 of a little-endian float32: mantissa
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 1]))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused(acdc_root, acdc_reference, tmp_path):
+    run_dir = finished_copy(acdc_reference, tmp_path, "rot")
+    latest = run_dir / "latest.pth"
+    flip_a_mantissa_bit(latest)
+    torch.load(latest, weights_only=True)  # what torch alone does: no complaint
+    with pytest.raises(SystemExit) as e:
+        train_acdc.main(acdc_args(acdc_root, tmp_path, "rot", "--resume"))
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: --resume: checkpoint {latest}: damaged since it was written (the CRC-32 of its "
+                          f"entry ") and "restore a copy" in msg and "\n" not in msg, msg
+    assert "good" not in msg and not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
+    final = shutil.copy(acdc_reference / f"iter_{ACDC_ITERS}.pth", tmp_path / "final.pth")
+    flip_a_mantissa_bit(final)
+    with pytest.raises(SystemExit, match=r"^error: checkpoint .*final.pth: damaged since it was written"):
+        test_acdc.main(["--ckpt", str(final), "--root_path", str(acdc_root), "--list", "val.list", "--device", "cpu"])
+    assert not (tmp_path / "eval_val").exists()
+
+
+def test_resume_refuses_other_training_cases_and_warns_about_other_files(acdc_root, acdc_reference, tmp_path,
+                                                                        capsys):
+    """The checkpoint records the labeled and unlabeled slices (in order) and the size of each case file: a
+    reordered list is refused; the same list at another path, or a case file that changed size, only warn."""
+    finished_copy(acdc_reference, tmp_path, "data")
+    names = (acdc_root / "train_slices.list").read_text().split()
+    swapped = tmp_path / "swapped.list"  # two labeled slices trade places
+    swapped.write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train_acdc.main(acdc_args(acdc_root, tmp_path, "data", "--resume", "--train_list", str(swapped)))
+    msg = str(e.value.code)
+    assert msg.startswith("error: --resume: the labeled cases differ from the run in ") and "\n" not in msg
+    assert f"the same cases in another order; entry 1 is {names[1]}, was {names[0]}" in msg, msg
+    moved = tmp_path / "unlabeled_first.list"  # the unlabeled slices first: another labeled set
+    moved.write_text("\n".join(names[32:] + names[:32]) + "\n")
+    with pytest.raises(SystemExit, match="the labeled cases differ .*32 cases, the run started with 32; entry 1 is"):
+        train_acdc.main(acdc_args(acdc_root, tmp_path, "data", "--resume", "--train_list", str(moved)))
+
+    # the same cases through another list file and a copied root in which one case file changed size: the run
+    # continues (its last iteration) with warnings
+    snapshots = acdc_reference.parent / f"{acdc_reference.name}.snapshots"
+    shutil.copy(snapshots / f"latest_{ACDC_ITERS - 1}.pth", tmp_path / "ACDC_data_1_labeled" / "latest.pth")
+    same = tmp_path / "same.list"
+    same.write_text("\n".join(names) + "\n")
+    root = shutil.copytree(acdc_root, tmp_path / "ACDC")
+    path = root / "data" / "slices" / f"{names[40]}.h5"
+    with h5py.File(path, "r") as h:
+        image, label = h["image"][()], h["label"][()]
+    write_h5(path, image=image, label=label, note=np.zeros(100))
+    capsys.readouterr()
+    train_acdc.main(acdc_args(root, tmp_path, "data", "--resume", "--train_list", str(same)))
+    err = capsys.readouterr().err
+    assert f"--train_list {same} (saved train_slices.list)" in err
+    assert f"1 case files changed size since the run started, e.g. {names[40]}: " in err
+    assert (tmp_path / "ACDC_data_1_labeled" / f"iter_{ACDC_ITERS}.pth").is_file()
+
+
+def test_resume_names_the_keys_of_weights_that_do_not_fit(acdc_root, acdc_reference, tmp_path):
+    run_dir = finished_copy(acdc_reference, tmp_path, "keys")
+    snapshots = acdc_reference.parent / f"{acdc_reference.name}.snapshots"
+    state = load_checkpoint(snapshots / f"latest_{ACDC_ITERS - 1}.pth")
+    state["model"] = {f"module.{k}": v for k, v in state["model"].items()}  # saved from a DDP wrapper
+    save_checkpoint(state, run_dir / "latest.pth")
+    with pytest.raises(SystemExit) as e:
+        train_acdc.main(acdc_args(acdc_root, tmp_path, "keys", "--resume"))
+    msg, n = str(e.value.code), len(state["model"])
+    assert msg.startswith(f"error: --resume: checkpoint {run_dir / 'latest.pth'}: its weights do not fit the UNet: "
+                          f"{n} missing keys [") and f"{n} unexpected keys ['module." in msg and "\n" not in msg, msg
+
+
+def test_ctrl_c_ends_with_one_line_and_the_run_resumes(acdc_root, acdc_reference, tmp_path, monkeypatch, capsys,
+                                                       one_thread):
+    exp = "ctrlc"
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    with monkeypatch.context() as m:
+        interrupt_at(train_acdc, m, 5, KeyboardInterrupt)
+        with pytest.raises(SystemExit) as e:
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    assert e.value.code == 130
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"error: interrupted (Ctrl-C) in iteration 6 of {ACDC_ITERS}; {run_dir / 'latest.pth'} holds "
+                      f"iteration 5: resume with --resume"], errors
+    assert not (run_dir / "run.lock").exists() and not list(run_dir.glob("*.tmp"))
+    print(f"\n{errors[0].replace(str(tmp_path), '<tmp>')} (exit 130)")
+    trained = interrupt_at(train_acdc, monkeypatch)
+    train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+    assert trained == [5, 6, 7]
+    assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+
+
+def test_disk_full_while_writing_a_checkpoint(acdc_root, acdc_reference, tmp_path, monkeypatch, one_thread):
+    """The third checkpoint write fails with ENOSPC: one line naming the file system and the file, latest.pth still
+    the second one, no temporary file; once there is space, --resume ends equal to the uninterrupted run."""
+    exp = "full"
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    real, writes = os.fsync, []
+
+    def full_at_the_third(fd):
+        writes.append(fd)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_at_the_third)
+        with pytest.raises(SystemExit) as e:
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    msg = str(e.value.code)
+    assert msg == (f"error: no space left on {mount_point(run_dir)} while writing {run_dir / 'latest.pth'}; the "
+                   f"previous checkpoint is intact"), msg
+    assert load_checkpoint(run_dir / "latest.pth")["iteration"] == 2
+    assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["latest.pth"]
+    train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+    assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")

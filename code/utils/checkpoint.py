@@ -4,12 +4,18 @@ A training checkpoint holds ``model`` (state dict), ``optimizer`` (state dict), 
 iterations; the learning rate is a function of it), ``args`` (every flag), ``world_size`` and ``num_threads``.
 No RNG state is stored: every random draw of iteration ``it`` is seeded from ``(seed, it, rank)``.
 A write goes to a temporary file in the same folder, then ``os.replace`` (atomic on POSIX): a kill leaves the
-old file or the new one, never a truncated one. Every problem raises ``CheckpointError`` naming the file.
+old file or the new one, never a truncated one. A load checks the CRC-32 the zip archive stores for each of its
+entries, so a file damaged on disk (one flipped bit) is refused. Every problem raises ``CheckpointError`` naming
+the file.
 """
+import errno
+import io
 import os
 import re
 import tempfile
 import warnings
+import zipfile
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -22,20 +28,36 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Write ``state`` to ``path`` atomically (serialised in memory, then a temporary file, fsync, rename). A write
+    that fails (disk full, read-only) stops the script (SystemExit) with one line; ``path`` stays as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: a full disk then raises OSError(ENOSPC), not a torch zip error
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        if not isinstance(e, OSError):
+            raise
+        why = f"no space left on {mount_point(path.parent)}" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written"
+        raise SystemExit(f"error: {why} while writing {path}; {kept}") from None
     return path
+
+
+def mount_point(folder: Path) -> Path:
+    """The mount point of the file system holding ``folder``."""
+    folder = Path(os.path.realpath(folder))
+    while not os.path.ismount(folder):
+        folder = folder.parent
+    return folder
 
 
 def remove_temp_files(folder) -> list:
@@ -58,12 +80,28 @@ def load_checkpoint(path, map_location="cpu", require=("model",)) -> dict:
     except Exception as e:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({_why_unreadable(path, e)}); expected a "
                               f"checkpoint written by this repository's training scripts") from None
+    damaged = _damaged_entry(path)
+    if damaged:
+        raise CheckpointError(f"checkpoint {path}: damaged since it was written (the CRC-32 of its entry {damaged} "
+                              f"does not match: a changed bit on disk or in transfer); restore a copy of the file")
     if not isinstance(state, dict) or any(k not in state for k in require):
         keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path}: holds {keys}, expected a dict with the keys {list(require)}")
     if "model" in require and not (isinstance(state["model"], dict) and all(map(torch.is_tensor, state["model"].values()))):
         raise CheckpointError(f"checkpoint {path}: its 'model' entry is not a state dict of tensors")
     return state
+
+
+def _damaged_entry(path: Path):
+    """The first entry of a torch zip archive whose bytes do not match their stored CRC-32 (torch.load does not
+    check them), or None. A legacy (non-zip) checkpoint has no checksum: None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except zipfile.BadZipFile:
+        return "(its table of contents)"
 
 
 def _why_unreadable(path: Path, error: Exception) -> str:
@@ -95,21 +133,22 @@ def load_weights(model: torch.nn.Module, state_dict: dict, path) -> None:
                               f"{str(e).strip().splitlines()[-1].strip()}") from None
 
 
-def save_training_state(path, model, optimizer, iteration: int, args, world_size: int = 1) -> None:
-    """Write a training checkpoint. Weights that are no longer finite are never written: training stops and
-    the last checkpoint stays as it was."""
+def save_training_state(path, model, optimizer, iteration: int, args, world_size: int, data: dict) -> None:
+    """Write a training checkpoint (``data``: the fingerprint of the training lists, utils.data.data_fingerprint).
+    Weights that are no longer finite are never written: training stops and the last checkpoint stays as it was."""
     state = model.state_dict()
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise SystemExit(f"error: non-finite weights after iteration {iteration} ({len(bad)} tensors, e.g. {bad[0]}); "
                          f"not writing {path}, the last checkpoint is kept. Lower --base_lr?")
     save_checkpoint({"model": state, "optimizer": optimizer.state_dict(), "iteration": iteration, "args": vars(args),
-                     "world_size": world_size, "num_threads": torch.get_num_threads()}, path)
+                     "world_size": world_size, "num_threads": torch.get_num_threads(), "data": data}, path)
 
 
-def load_resume(path, args, world_size: int) -> tuple:
+def load_resume(path, args, world_size: int, data: dict) -> tuple:
     """``(checkpoint, warnings)`` of --resume. Refuses (SystemExit) a checkpoint that cannot be read, another
-    number of processes, and flags that differ from the saved run unless they are in ``RESUME_MAY_DIFFER``."""
+    number of processes, flags that differ from the saved run unless they are in ``RESUME_MAY_DIFFER``, and other
+    labeled or unlabeled cases than the saved run's (``data``: utils.data.data_fingerprint of this command)."""
     try:
         ckpt = load_checkpoint(path, require=("model", "optimizer", "iteration", "args"))
     except CheckpointError as e:
@@ -128,7 +167,28 @@ def load_resume(path, args, world_size: int) -> tuple:
     if ckpt.get("num_threads") not in (None, torch.get_num_threads()):
         warnings.append(f"--resume: {torch.get_num_threads()} CPU threads, the saved run used {ckpt['num_threads']}: "
                         f"on a CPU the continuation is not bit-identical (OMP_NUM_THREADS={ckpt['num_threads']} is)")
-    return ckpt, warnings
+    return ckpt, warnings + compare_data(ckpt.get("data"), data, path)
+
+
+def compare_data(saved, now: dict, path) -> list:
+    """--resume: refuse (SystemExit) labeled or unlabeled cases that differ from the saved run's, in name or order
+    (the batches depend on both); warnings for case files whose size changed."""
+    if saved is None:
+        return [f"--resume: {path} records no list of its training cases; the cases are not compared"]
+    for part in ("labeled", "unlabeled"):
+        if saved[part] != now[part]:
+            i, (is_now, was) = next((i, p) for i, p in enumerate(zip_longest(now[part], saved[part])) if p[0] != p[1])
+            how = ("the same cases in another order" if sorted(saved[part]) == sorted(now[part]) else
+                   f"{len(now[part])} cases, the run started with {len(saved[part])}")
+            raise SystemExit(f"error: --resume: the {part} cases differ from the run in {path} ({how}; entry {i + 1} "
+                             f"is {is_now}, was {was}); train on the list the run started with, or start a new run")
+    names = now["labeled"] + now["unlabeled"]
+    changed = [(n, a, b) for n, a, b in zip(names, saved["bytes"], now["bytes"]) if a != b]
+    if changed:
+        name, before, after = changed[0]
+        return [f"--resume: {len(changed)} case files changed size since the run started, e.g. {name}: "
+                f"{before} -> {after} bytes"]
+    return []
 
 
 def finish_done_run(ckpt, args, run_dir, rank: int, log) -> bool:
@@ -138,7 +198,8 @@ def finish_done_run(ckpt, args, run_dir, rank: int, log) -> bool:
         return False
     final = run_dir / f"iter_{args.max_iterations}.pth"
     if rank == 0:
-        remove_temp_files(run_dir)
+        for name in remove_temp_files(run_dir):
+            log.info(f"removed {name}, a checkpoint write interrupted by a kill")
         if not final.is_file():
             save_checkpoint(ckpt, final)
     log.info(f"run folder {run_dir} already finished ({ckpt['iteration']} of {args.max_iterations} iterations); "

@@ -124,6 +124,14 @@ def load_case(task: str, root, name: str) -> tuple:
     return image, label
 
 
+def data_fingerprint(task: str, root, labeled: list, unlabeled: list) -> dict:
+    """What a checkpoint records of its training data, for --resume to compare: the labeled and the unlabeled
+    entries in training order, and each case file's size in bytes (None for a missing file)."""
+    paths = [case_path(task, root, name) for name in [*labeled, *unlabeled]]
+    return {"labeled": list(labeled), "unlabeled": list(unlabeled),
+            "bytes": [p.stat().st_size if p.is_file() else None for p in paths]}
+
+
 # ----------------------------------------------------------------------------------------- ACDC split
 def patient_of(name: str) -> str:
     """``patient001_frame01_slice_3`` -> ``patient001``."""

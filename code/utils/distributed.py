@@ -4,23 +4,42 @@
 
 NCCL when the processes use CUDA, Gloo otherwise. Every flag is per process: each rank draws its own
 ``--batch_size`` samples, so the effective batch is N x --batch_size. Rank 0 alone writes the run folder.
+A collective that waits longer than --ddp_timeout for another process fails (utils.run_folder.stop_training says
+so in one line); a rank whose launcher is gone is killed by the kernel (Linux).
 """
+import ctypes
 import os
+import signal
+import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(use_cuda: bool) -> tuple:
-    """``(rank, world_size, local_rank)``; starts the process group when launched by torchrun."""
+def init_distributed(use_cuda: bool, timeout_s: int) -> tuple:
+    """``(rank, world_size, local_rank)``; starts the process group when launched by torchrun, with collectives
+    that fail after ``timeout_s`` seconds of waiting, and ends this process with its launcher."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
+    exit_with_launcher()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), world, local_rank
+
+
+def exit_with_launcher() -> None:
+    """Linux: ask the kernel to SIGKILL this process when its parent (torchrun) is gone, so that a killed launcher
+    leaves no rank training and writing on (prctl PR_SET_PDEATHSIG). Elsewhere nothing is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # the launcher was gone before the prctl took effect
+        os._exit(1)
 
 
 def rank() -> int:

@@ -34,7 +34,7 @@ PRESETS = {
 # any other difference is refused, because it would change what is trained
 RESUME_MAY_DIFFER = {"root_path", "train_list", "val_list", "val_every", "device", "num_workers", "compile",
                      "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
-                     "overwrite", "print_config", "print_run_dir"}
+                     "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -97,6 +97,8 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPU)")
     a("--compile", action="store_true", help="torch.compile the network")
     a("--sync_bn", action="store_true", help="with torchrun on GPUs: batch-norm statistics over all processes")
+    a("--ddp_timeout", type=int, default=600, help="with torchrun: seconds a process waits for the others in a "
+                                                   "collective before the run stops with an error")
     a("--num_workers", type=int, default=2, help="data loader processes")
     a("--save_every", type=int, help="write latest.pth every N iterations")
     a("--log_every", type=int, default=10, help="scalars to tensorboard every N iterations")
@@ -156,7 +158,7 @@ def check_train_args(p: ArgumentParser, args) -> None:
     for flag in ("--weight_decay", "--num_workers"):
         if getattr(args, flag[2:]) < 0:
             bad(flag, "0 or more")
-    for flag in ("--save_every", "--log_every", "--image_every"):
+    for flag in ("--save_every", "--log_every", "--image_every", "--ddp_timeout"):
         if getattr(args, flag[2:]) < 1:
             bad(flag, "a positive number")
     if args.resume and args.overwrite:

@@ -3,56 +3,170 @@
 It holds ``config.json`` (every resolved flag, the command, git commit, library versions, device),
 ``log.txt``, the tensorboard events (every loss term, lr, confident fraction, now and then an image,
 label and prediction slice), ``latest.pth`` and the final ``iter_<max_iterations>.pth``.
-Under torchrun only rank 0 writes.
+Under torchrun only rank 0 writes. While a run uses its folder, rank 0 holds ``run.lock`` in it (hold_run_dir):
+one writer per run folder.
 """
+import errno
 import json
 import logging
 import math
+import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import numpy
 import scipy
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
 from utils import REPO_ROOT, resolve
 from utils.checkpoint import remove_temp_files
 from utils.distributed import any_rank, cleanup
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
+LOCK_NAME = "run.lock"
+_held = {}  # the run folder this process holds: {"fd": open run.lock, "dir": Path, "made": folders made for it}
+
 
 def run_dir_of(args) -> Path:
     return resolve(args.out_dir) / f"{args.task.upper()}_{args.exp}_{args.labelnum}_labeled"
 
 
-def check_run_dir(args) -> Path:
-    """Refuse, before anything is loaded or written, a run folder that already holds a run (unless --resume or
-    --overwrite), a --resume without latest.pth, and an --out_dir that cannot hold run folders."""
+def check_run_dir(args, rank: int) -> Path:
+    """Before anything is loaded or written: refuse an --out_dir that cannot hold run folders; rank 0 then holds
+    the run folder (hold_run_dir: refused while another run uses it); refuse a folder that already holds a run
+    (unless --resume or --overwrite) and a --resume without latest.pth."""
     run_dir = run_dir_of(args)
     out = resolve(args.out_dir)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out_dir {out}: a file, expected a folder for run folders")
+    if rank == 0:
+        hold_run_dir(run_dir)
     if args.resume and not (run_dir / "latest.pth").is_file():
         raise SystemExit(f"error: --resume: {run_dir / 'latest.pth'} does not exist (nothing to resume; check --exp, "
                          f"--labelnum and --out_dir, or start afresh with --overwrite)")
-    if not args.resume and not args.overwrite and ((run_dir / "config.json").exists() or any(run_dir.glob("*.pth"))):
+    if not args.resume and not args.overwrite and (run_dir / "latest.pth").is_file():
         raise SystemExit(f"error: run folder {run_dir} already holds a run; pass --resume to continue it or "
                          f"--overwrite to replace it (or choose another --exp)")
+    if not args.resume and not args.overwrite and ((run_dir / "config.json").exists() or any(run_dir.glob("*.pth"))):
+        raise SystemExit(f"error: run folder {run_dir} holds a run without latest.pth (stopped before its first "
+                         f"checkpoint); pass --overwrite to start it again (or choose another --exp)")
     return run_dir
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir/run.lock`` (made with the folder if need be) until release_run_dir(), or stop (SystemExit)
+    with one line naming the holder: pid, host and since when. The hold is a POSIX lock (fcntl.lockf): the kernel
+    drops it when the holder ends, however it ends (SIGKILL too), so the file a killed run leaves is simply taken
+    over; forked data-loader workers do not inherit it. Also refuses a folder it cannot write to."""
+    if fcntl is None:
+        return
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    path = run_dir / LOCK_NAME
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir {run_dir.parent}: cannot write the run folder {run_dir.name} there "
+                         f"({e.strerror})") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = path.read_text().strip() or "another process"
+        os.close(fd)
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise SystemExit(f"error: run folder {run_dir} is in use by {holder} ({path}); one run at a time may "
+                             f"write it: wait for that run to end, or choose another --exp") from None
+        print(f"warning: {path}: cannot lock it ({e.strerror}); make sure no other run writes this folder",
+              file=sys.stderr)
+        return
+    if not path.exists() or not os.path.samestat(os.fstat(fd), os.stat(path)):
+        os.close(fd)  # the previous holder removed the file while we opened it: take the new one
+        return hold_run_dir(run_dir)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    _held.update(fd=fd, dir=run_dir, made=made)
+
+
+def release_run_dir() -> None:
+    """Give up the run folder hold_run_dir took (main() calls it however training ends): run.lock is removed, and
+    so are the folders hold_run_dir made when nothing else was written into them."""
+    if not _held:
+        return
+    if (_held["dir"] / LOCK_NAME).exists():
+        os.unlink(_held["dir"] / LOCK_NAME)
+    os.close(_held["fd"])
+    for folder in _held["made"]:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    _held.clear()
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: delete everything in the run folder but run.lock, which this process holds."""
+    for p in run_dir.iterdir():
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def make_run_dir(args) -> Path:
-    """Create the run folder (--overwrite deletes the old one first). Call it after the data is loaded, so that
+    """Create the run folder (--overwrite empties the old one first). Call it after the data is loaded, so that
     a run refused for bad data leaves an old run folder as it was."""
-    run_dir = check_run_dir(args)
+    run_dir = run_dir_of(args)
     if args.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def run_training(train, args):
+    """``train(args)`` (a training script's set-up, data and loop), then the run folder released (run.lock), however
+    it ends; Ctrl-C and a failed collective outside the training loop end with one line (stop_training)."""
+    try:
+        return train(args)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        stop_training(e, run_dir_of(args))
+    finally:
+        release_run_dir()
+
+
+def stop_training(error: BaseException, run_dir: Path, done=None, total=None):
+    """End training after Ctrl-C (exit status 130) or a failed collective under torchrun (another process stalled
+    past --ddp_timeout or died; exit status 1) with one line on stderr: where training was, what latest.pth holds
+    and how to go on. Re-raises any other error."""
+    from utils.checkpoint import CheckpointError, load_checkpoint
+    me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    lost = world > 1 and (isinstance(error, dist.DistError) or re.search(r"gloo|nccl|timed out|connection",
+                                                                         str(error), re.IGNORECASE))
+    if not isinstance(error, KeyboardInterrupt) and not lost:
+        raise error
+    where = f"in iteration {done + 1} of {total}" if done is not None else "outside the training loop"
+    try:
+        saved = load_checkpoint(run_dir / "latest.pth")["iteration"]
+        then = f"{run_dir / 'latest.pth'} holds iteration {saved}: resume with --resume"
+    except CheckpointError:
+        then = f"no readable latest.pth in {run_dir}: start again (--overwrite if the run folder exists)"
+    if isinstance(error, KeyboardInterrupt):
+        if me == 0:
+            print(f"error: interrupted (Ctrl-C) {where}; {then}", file=sys.stderr)
+        raise SystemExit(130) from None
+    what = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])
+    raise SystemExit(f"error: rank {me} of {world}: a collective failed {where} ({what}): another process "
+                     f"stalled longer than --ddp_timeout or died; {then}") from None
 
 
 def open_run_folder(args, config: dict, warnings=()) -> tuple:

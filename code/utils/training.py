@@ -34,7 +34,7 @@ def pick_device(name: str) -> torch.device:
 def setup(args) -> tuple:
     """Device, process group (torchrun) and seeds. Returns ``(device, rank, world_size, local_rank)``."""
     device = pick_device(args.device)
-    rank_, world, local_rank = init_distributed(device.type == "cuda")
+    rank_, world, local_rank = init_distributed(device.type == "cuda", args.ddp_timeout)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
     if args.sync_bn and world > 1 and device.type != "cuda":
@@ -111,7 +111,9 @@ def build_for_training(task: str, args, device, world: int, ckpt=None, path=None
         try:
             load_weights(model, ckpt["model"], path)
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (CheckpointError, ValueError, KeyError) as e:
+        except CheckpointError as e:
+            raise SystemExit(f"error: --resume: {e}") from None
+        except (ValueError, KeyError) as e:
             raise SystemExit(f"error: --resume: {path}: {e}") from None
     return model, optimizer
 
