@@ -80,11 +80,13 @@ def poly_lr(args, it: int) -> float:
     return args.base_lr * (1.0 - it / args.max_iterations) ** args.poly_power
 
 
-def build_for_training(task: str, args, device, world: int, ckpt=None, path=None) -> tuple:
-    """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit)."""
+def build_for_training(task: str, args, device, world: int, ckpt=None, path=None, model=None) -> tuple:
+    """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit).
+    ``model``: a network built by the caller (CML's two subnets) instead of the task's ``build_model``."""
     from networks import build_model
     from utils.checkpoint import CheckpointError, load_weights
-    model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type)
+    if model is None:
+        model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2))
