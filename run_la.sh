@@ -2,15 +2,20 @@
 # CrossMatch on LA: train, then evaluate the final checkpoint on test.list and print the table.
 #   bash run_la.sh 8 [train_la.py flags]        # 4, 8 or 16 labeled cases (Table I); data in $LA_ROOT or data/LA
 #   bash run_la.sh --demo [train_la.py flags]   # synthetic data, a few minutes on a CPU, no download
+#   CML=1 bash run_la.sh 8 | --demo [flags]     # the same with the CML baseline, train_la_cml.py (docs/CML.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 start=$(date +%s)
+train=code/train_la.py demo=(--exp demo --base_lr 3e-3)
+if [[ ${CML:-0} == 1 ]]; then  # CML: its script; for the demo its run folder, stages, batch and learning rate
+  train=code/train_la_cml.py demo=(--exp demo_cml --pre_iterations 50 --batch_size 4 --labeled_bs 2 --base_lr 0.01)
+fi
 if [[ ${1:-} == --demo ]]; then
   shift
   root=${DEMO_ROOT:-data/demo_LA}
   [[ -f $root/train.list ]] || $PY code/make_synthetic.py --task la --out "$root" --n_train 20 --n_test 4 --shape 48 48 40
-  set -- --exp demo --labelnum 4 --max_iterations 250 --patch_size 32 32 32 --base_lr 3e-3 --save_every 100 \
+  set -- "${demo[@]}" --labelnum 4 --max_iterations 250 --patch_size 32 32 32 --save_every 100 \
          --image_every 100 --overwrite "$@"
   test_flags=(--stride_xy 16 --stride_z 8 --sw_batch 4)
 elif [[ ${1:-} =~ ^[0-9]+$ ]]; then
@@ -28,8 +33,8 @@ else
   echo "       bash run_la.sh --demo [train_la.py flags]     (synthetic data, no download)" >&2
   exit 2
 fi
-$PY code/train_la.py --root_path "$root" "$@"
-run_dir=$($PY code/train_la.py --root_path "$root" "$@" --print_run_dir)
+$PY $train --root_path "$root" "$@"
+run_dir=$($PY $train --root_path "$root" "$@" --print_run_dir)
 if [[ -f $root/test.list ]]; then
   $PY code/test_la.py --run "$run_dir" --root_path "$root" --list test.list "${test_flags[@]}"
 else

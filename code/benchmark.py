@@ -13,6 +13,8 @@ the device synchronised, over --iters iterations after --warmup. Methods, in thi
   crossmatch_naive  the same iteration with Algorithm 1's forward as printed: d(e(x_l)); e(x_w) and e(x_s2)
                     decoded as [w, P_w w, P_s w, P_w s2, P_s s2]; d(e(cat(x_s1, x_s2))): x_s2 encoded twice
                     (the partners' teacher forward unchanged)
+  cml               the CML script's own train_iteration (train_<task>_cml.py), a self-training iteration at
+                    CML's batch (LA 4 + 4, ACDC 12 + 12; --batch_size / --labeled_bs change it too)
 The batch column counts L+U; the crossmatch methods also get U partner samples.
 FLOPs: torch.utils.flop_counter over one iteration (forward and backward). Peak memory: on a GPU
 torch.cuda.max_memory_allocated during the method's iterations; on a CPU the peak resident memory of the
@@ -29,13 +31,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import train_acdc
+import train_acdc_cml
 import train_la
-from networks import build_model
+import train_la_cml
+from networks import build_cml, build_model
 from utils.evaluation import sliding_window
 from utils.flags import ArgumentParser
 from utils.training import make_optimizer, pick_device
 
-METHODS = ("supervised", "crossmatch", "crossmatch_naive")
+METHODS = ("supervised", "crossmatch", "crossmatch_naive", "cml")
 
 
 class Algorithm1AsPrinted(nn.Module):
@@ -77,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--batch_size", type=int, help="default: the paper's (LA 4, ACDC 24)")
+    p.add_argument("--batch_size", type=int, help="default: the paper's (LA 4, ACDC 24; CML LA 8)")
     p.add_argument("--labeled_bs", type=int, help="default: half the batch")
     p.add_argument("--patch_size", type=int, nargs="+", help="default: the paper's (LA 112 112 80, ACDC 256 256)")
     p.add_argument("--warmup", type=int, default=2)
@@ -106,9 +110,12 @@ def peak_mb(device) -> float:
 
 
 def bench_method(args, method: str, device) -> dict:
-    script = train_la if args.task == "la" else train_acdc
-    flags = ["--method", "supervised" if method == "supervised" else "crossmatch", "--device", str(device),
-             "--amp", args.amp, "--max_iterations", str(args.warmup + args.iters + 1)]
+    if method == "cml":  # --pre_iterations 0: every iteration a self-training one
+        script, flags = (train_la_cml if args.task == "la" else train_acdc_cml), ["--pre_iterations", "0"]
+    else:
+        script = train_la if args.task == "la" else train_acdc
+        flags = ["--method", "supervised" if method == "supervised" else "crossmatch"]
+    flags += ["--device", str(device), "--amp", args.amp, "--max_iterations", str(args.warmup + args.iters + 1)]
     for flag in ("batch_size", "labeled_bs", "patch_size"):
         if getattr(args, flag) is not None:
             flags += [f"--{flag}", *map(str, getattr(args, flag) if flag == "patch_size" else [getattr(args, flag)])]
@@ -124,7 +131,7 @@ def bench_method(args, method: str, device) -> dict:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     torch.manual_seed(0)
-    net = build_model(args.task).to(device)
+    net = (build_cml(args.task) if method == "cml" else build_model(args.task)).to(device)
     optimizer = make_optimizer(net, targs)
     model = Algorithm1AsPrinted(net) if method == "crossmatch_naive" else net
     model = torch.compile(model) if args.compile else model
@@ -181,7 +188,7 @@ def main(argv=None) -> dict:
             print(f"{m:<18}{r['batch']:>7}{r['ms_per_iter']:>11.1f}{r['ms_std']:>9.1f}{r['ms_median']:>10.1f}"
                   f"{r['gflops_per_iter']:>9.1f}{r['peak_mb']:>10,.0f}")
         res = out["methods"]
-        for a, b in (("crossmatch", "supervised"), ("crossmatch_naive", "crossmatch")):
+        for a, b in (("crossmatch", "supervised"), ("crossmatch_naive", "crossmatch"), ("cml", "crossmatch")):
             if a in res and b in res:
                 out[f"{a}_vs_{b}"] = {"time": res[a]["ms_per_iter"] / res[b]["ms_per_iter"],
                                       "flops": res[a]["gflops_per_iter"] / res[b]["gflops_per_iter"]}

@@ -42,7 +42,7 @@ def test_all_methods_tiny(task, tmp_path, one_thread):
         assert r["ms_median"] == pytest.approx(r["ms_per_iter"]) and r["ms_std"] >= 0
         assert r["gflops_per_iter"] > 0 and r["peak_mb"] > 0 and math.isfinite(r["peak_mb"])
         assert r["patch_size"] == patch
-    assert [r["batch"] for r in res.values()] == ["4+0", "2+2", "2+2"]
+    assert [r["batch"] for r in res.values()] == ["4+0", "2+2", "2+2", "4+4" if task == "la" else "2+2"]  # CML: 4+4
     # Algorithm 1 as printed encodes x_s2 twice: more FLOPs than the two-pass batching, which costs about three
     # and a half supervised iterations (2B encoder and 2(L + 3U) decoder samples against B through both, L = U =
     # B/2, plus the CutMix partners' no-grad teacher forward: U encoder and 3U decoder samples, forward only).
@@ -58,6 +58,7 @@ def test_all_methods_tiny(task, tmp_path, one_thread):
     assert naive["time"] == pytest.approx(
         res["crossmatch_naive"]["ms_per_iter"] / res["crossmatch"]["ms_per_iter"], rel=1e-12)
     assert 3.2 < ratio["flops"] < 3.9
+    assert data["cml_vs_crossmatch"]["flops"] == pytest.approx(flops["cml"] / flops["crossmatch"], rel=1e-12)
     assert 1.03 < naive["flops"] < 1.12
 
 
@@ -66,6 +67,7 @@ def test_one_method_no_ratio(one_thread):
                           "--iters", "1", "--device", "cpu"])
     assert out["methods"].keys() == {"supervised"}
     assert "crossmatch_vs_supervised" not in out and "crossmatch_naive_vs_crossmatch" not in out
+    assert "cml_vs_crossmatch" not in out
 
 
 def test_eval_tiny(tmp_path, one_thread):

@@ -1,3 +1,4 @@
+from .cml import TwoSubnets, build_cml
 from .unet import UNet
 from .vnet import VNet
 

@@ -4,7 +4,8 @@ Encoder stages of 1-2-3-3-3 convolutions joined by stride-2 convolutions, decode
 joined by stride-2 transposed convolutions, additive skips, Dropout3d(0.5) on the bottleneck and before the
 output convolution when ``has_dropout``. ``forward(x, n_pert=n)`` is CrossMatch's feature-perturbed forward
 (networks/feature_perturbation.py); it decodes without the output dropout, as the release does, unless
-``pert_out_dropout``."""
+``pert_out_dropout``. ``upsampling="trilinear"`` joins the decoder stages by trilinear upsampling + a 3x3x3
+convolution instead (CML's second subnet: 10,275,746 parameters)."""
 import torch
 from torch import nn
 
@@ -26,12 +27,24 @@ def up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
+def up_trilinear(c_in: int, c_out: int) -> nn.Sequential:
+    """The other decoder's upsampling (CML's second subnet): trilinear (corners aligned), then a 3x3x3 convolution."""
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True),
+                         nn.Conv3d(c_in, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+
+
+UPSAMPLING = {"transposed": up, "trilinear": up_trilinear}
+
+
 class VNet(nn.Module):
     def __init__(self, n_channels: int = 1, n_classes: int = 2, n_filters: int = 16, has_dropout: bool = True,
                  drop_weak: float = 0.25, drop_strong: float = 0.75, dropout_type: str = "dropout",
-                 pert_out_dropout: bool = False):
+                 pert_out_dropout: bool = False, upsampling: str = "transposed"):
         super().__init__()
         f = n_filters
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"upsampling {upsampling!r}: expected one of {', '.join(UPSAMPLING)}")
+        make_up = UPSAMPLING[upsampling]
         self.enc1 = conv_stage(1, n_channels, f)
         self.down1 = down(f, 2 * f)
         self.enc2 = conv_stage(2, 2 * f, 2 * f)
@@ -42,13 +55,13 @@ class VNet(nn.Module):
         self.down4 = down(8 * f, 16 * f)
         self.enc5 = conv_stage(3, 16 * f, 16 * f)
 
-        self.up5 = up(16 * f, 8 * f)
+        self.up5 = make_up(16 * f, 8 * f)
         self.dec4 = conv_stage(3, 8 * f, 8 * f)
-        self.up4 = up(8 * f, 4 * f)
+        self.up4 = make_up(8 * f, 4 * f)
         self.dec3 = conv_stage(3, 4 * f, 4 * f)
-        self.up3 = up(4 * f, 2 * f)
+        self.up3 = make_up(4 * f, 2 * f)
         self.dec2 = conv_stage(2, 2 * f, 2 * f)
-        self.up2 = up(2 * f, f)
+        self.up2 = make_up(2 * f, f)
         self.dec1 = conv_stage(1, f, f)
         self.out_conv = nn.Conv3d(f, n_classes, 1)
 

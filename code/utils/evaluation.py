@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from networks import build_model
+from networks import build_cml, build_model
 from utils import resolve
 from utils.checkpoint import CheckpointError, load_checkpoint, load_weights
 from utils.data import DataError, case_path, find_list, read_list
@@ -96,7 +96,8 @@ def prepare(args, task: str) -> SimpleNamespace:
     if final is not None and state.get("iteration") != final:
         print(f"warning: checkpoint {path}: iteration {state.get('iteration')} is not the final one ({final})",
               file=sys.stderr)
-    model = build_model(task)
+    cml = train_args.get("method") == "cml"  # CML's two subnets predict the mean of their softmax (docs/CML.md)
+    model = build_cml(task) if cml else build_model(task)
     load_weights(model, state["model"], path)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
@@ -105,7 +106,8 @@ def prepare(args, task: str) -> SimpleNamespace:
                            list_path=list_path, cases=cases, out_dir=out_dir, device=device,
                            model=model.to(device).eval(),
                            patch_size=tuple(patch_size),
-                           amp=torch.bfloat16 if args.amp == "bf16" else None)
+                           amp=torch.bfloat16 if args.amp == "bf16" else None,
+                           method=train_args.get("method"))
 
 
 def protocol(setup, args) -> dict:
@@ -113,7 +115,7 @@ def protocol(setup, args) -> dict:
     return dict(checkpoint=str(setup.checkpoint), iteration=setup.iteration, max_iterations=setup.final,
                 final_checkpoint=setup.final is not None and setup.iteration == setup.final,
                 root_path=str(setup.root), list=str(setup.list_path), patch_size=list(setup.patch_size),
-                device=str(setup.device), amp=args.amp, empty_distance=args.empty_distance)
+                device=str(setup.device), amp=args.amp, empty_distance=args.empty_distance, method=setup.method)
 
 
 # ------------------------------------------------------------------------------------------- inference

@@ -163,3 +163,64 @@ def check_train_args(p: ArgumentParser, args) -> None:
             bad(flag, "a positive number")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite exclude each other (continue the run, or replace it)")
+
+
+# ------------------------------------------------------------------------------------------------------- CML
+# train_la_cml.py / train_acdc_cml.py: the training flags above, CrossMatch's own hidden and refused, CML's added
+CROSSMATCH_ONLY = ("preset", "conf_thresh", "conf_ramp", "eta", "drop_weak", "drop_strong", "dropout_type", "cutmix_p",
+                   "cutmix_partner", "pert_out_dropout", "unsup_loss", "ip_loss", "tkd_loss", "kd_weight", "no_ip",
+                   "no_tkd", "no_dkd", "poly_power", "poly_horizon", "uint8_unlabeled")
+CML_DEFAULTS = {  # the paper's settings; lr_step from the release (docs/CML.md)
+    "la": dict(exp="CML", max_iterations=17000, pre_iterations=2000, batch_size=8, labeled_bs=4, base_lr=0.01,
+               optimizer="sgd", nesterov=False, u_weight=1.0, dis_weight=0.2, mask_ratio=2 / 3, lr_step=2500),
+    "acdc": dict(exp="CML", max_iterations=40000, pre_iterations=10000, batch_size=24, labeled_bs=12, base_lr=0.01,
+                 optimizer="sgd", nesterov=False, u_weight=0.5, dis_weight=0.1, mask_ratio=1 / 2, lr_step=0),
+}
+
+
+def cml_parser(task: str, description: str) -> ArgumentParser:
+    """The flags of ``train_<task>_cml.py``: those of ``train_parser`` but CrossMatch's own, and CML's."""
+    p = train_parser(task, description)
+    for action in p._actions:
+        if action.dest in CROSSMATCH_ONLY:  # not shown, not set; given anyway, check_cml_args refuses them
+            action.help = action.default = argparse.SUPPRESS
+            p._defaults.pop(action.dest, None)
+        elif action.dest == "method":
+            action.help = argparse.SUPPRESS
+        elif action.dest == "max_iterations":
+            action.help = "training iterations, pre-training included"
+    g = p.add_argument_group("CML")
+    g.add_argument("--pre_iterations", type=int, help="the first N iterations pre-train on labeled data (Eq. 11)")
+    g.add_argument("--u_weight", type=float, help="lambda_1, the weight of L_sup^u")
+    g.add_argument("--dis_weight", type=float, help="lambda_2, the weight of L_dis")
+    g.add_argument("--mask_ratio", type=float, help="beta: the CutMix cuboid's side over the patch's")
+    g.add_argument("--lr_step", type=int, help="self-training: lr x --lr_gamma every N iterations (0: constant)")
+    g.add_argument("--lr_gamma", type=float, default=0.1)
+    p.set_defaults(method="cml", **CML_DEFAULTS[task])
+    return p
+
+
+def check_cml_args(p: ArgumentParser, args) -> None:
+    """CrossMatch flags refused, the shared flags checked as ``check_train_args`` checks them, then CML's."""
+    given = [f"--{d}" for d in CROSSMATCH_ONLY if hasattr(args, d)]
+    if given:
+        p.error(f"{', '.join(given)}: {'CrossMatch flags' if len(given) > 1 else 'a CrossMatch flag'}, not used by "
+                f"CML (docs/CML.md)")
+    if args.method != "cml":
+        p.error(f"argument --method: {args.method}: this script trains CML (train_{args.task}.py trains "
+                f"crossmatch and supervised)")
+    check_train_args(p, argparse.Namespace(**{**vars(train_parser(args.task, "").parse_args([])), **vars(args),
+                                              "method": "crossmatch"}))
+    if args.labeled_bs % 2 or (args.batch_size - args.labeled_bs) % 2:
+        p.error(f"argument --labeled_bs: {args.labeled_bs} of --batch_size {args.batch_size}: expected an even "
+                f"number of labeled and of unlabeled samples (CutMix mixes them in pairs)")
+    if args.max_iterations is None or not 0 <= args.pre_iterations <= args.max_iterations:
+        p.error(f"argument --pre_iterations: {args.pre_iterations}: expected 0 to --max_iterations "
+                f"{args.max_iterations}")
+    for flag in ("--u_weight", "--dis_weight", "--lr_step"):
+        if getattr(args, flag[2:]) < 0:
+            p.error(f"argument {flag}: {getattr(args, flag[2:])}: expected 0 or more")
+    if not 0 < args.mask_ratio < 1:
+        p.error(f"argument --mask_ratio: {args.mask_ratio}: expected a number in (0, 1)")
+    if not 0 < args.lr_gamma <= 1:
+        p.error(f"argument --lr_gamma: {args.lr_gamma}: expected a number in (0, 1]")

@@ -100,9 +100,11 @@ def conf_threshold(args, it: int) -> float:
     return (args.conf_thresh + (1 - args.conf_thresh) * sigmoid_rampup(it, args.conf_ramp)) * math.log(2)
 
 
-def build_for_training(task: str, args, device, world: int, ckpt=None, path=None) -> tuple:
-    """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit)."""
-    model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
+def build_for_training(task: str, args, device, world: int, ckpt=None, path=None, model=None) -> tuple:
+    """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit).
+    ``model``: a network built by the caller (CML's two subnets) instead of the task's ``build_model``."""
+    if model is None:
+        model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2))

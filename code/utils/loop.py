@@ -1,0 +1,109 @@
+"""The plumbing around a ``train_iteration``, as the CML scripts use it: resume, model and optimizer, the training
+set and its loader, the run folder, then the loop with its logs and checkpoints. Step for step what the ``main`` of
+train_la.py / train_acdc.py does (docs/RELIABILITY.md): exact resume, atomic checkpoints, DDP, one-line errors.
+"""
+import json
+import time
+
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils import resolve
+from utils.checkpoint import finish_done_run, load_resume, save_training_state
+from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
+from utils.distributed import cleanup
+from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
+                              run_dir_of, stop_training)
+from utils.sampler import TwoStreamBatchSampler, collate_two_stream
+from utils.training import build_for_training, setup, wrap_model
+
+
+def print_settings(args):
+    """--print_run_dir / --print_config: print the run folder or the resolved settings, touch nothing, return the
+    run folder."""
+    run_dir = run_dir_of(args)
+    print(run_dir if args.print_run_dir else json.dumps(config_of(args, run_dir=str(run_dir)), indent=2, default=str))
+    return run_dir
+
+
+def start_run(args) -> tuple:
+    """Device and processes (``setup``), the run folder's check, the data root and the training list, before
+    anything is written (rank 0 holds the run folder from here on). Returns ``(process, run_dir, root, names)``."""
+    process = setup(args)
+    run_dir = check_run_dir(args, process[1])
+    root = resolve(args.root_path)
+    try:
+        names = read_list(find_list(root, args.train_list))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    return process, run_dir, root, names
+
+
+def train_loop(args, task, train_iteration, model, process, run_dir, root, names, n_labeled, counts: dict,
+               what: str, warnings=(), notes=(), hook=None):
+    """Train ``model`` with ``train_iteration`` from iteration 0 (or latest.pth with --resume) to --max_iterations.
+
+    ``process`` is ``setup(args)``; ``names`` the training list, its first ``n_labeled`` entries labeled;
+    ``counts`` go into config.json; ``what`` (the data in words) and ``notes`` into the first log lines;
+    ``hook(done, model, writer, log)`` runs after every iteration (``writer`` is None on ranks other than 0).
+    ``train_iteration`` returns its logs and ``shown``, a dict with ``x_l``, ``y_l`` and ``pred`` for the
+    tensorboard images. Returns the run folder."""
+    device, rank, world, local_rank = process
+    data = data_fingerprint(task, root, names[:n_labeled], names[n_labeled:])
+    ckpt, resume_warnings = load_resume(run_dir / "latest.pth", args, world, data) if args.resume else (None, [])
+    log = get_logger(quiet=rank != 0)
+    if finish_done_run(ckpt, args, run_dir, rank, log):
+        cleanup()
+        return run_dir
+    model, optimizer = build_for_training(task, args, device, world, ckpt, run_dir / "latest.pth", model=model)
+    start = ckpt["iteration"] if ckpt else 0
+    del ckpt
+    try:
+        dataset = TrainSet(task, root, names, n_labeled, args.patch_size)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    labeled_bs, unlabeled_bs = args.labeled_bs, args.batch_size - args.labeled_bs
+    train_model = wrap_model(model, args, device, world, local_rank)
+    sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), labeled_bs, unlabeled_bs,
+                                    args.seed, args.max_iterations, start, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
+                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+    writer = None
+    if rank == 0:
+        config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts)
+        log, writer = open_run_folder(args, config, [*warnings, *resume_warnings])
+        log.info(f"{task.upper()} {args.method}: {what}, {labeled_bs}+{unlabeled_bs} per batch x {world} "
+                 f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}; "
+                 f"run folder {run_dir}")
+        for line in notes:
+            log.info(line)
+
+    model.train()
+    bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
+    t0, done = time.time(), start
+    try:
+        for it, batch in enumerate(loader, start=start):
+            logs, shown = train_iteration(train_model, optimizer, batch, it, args, device)
+            done = it + 1
+            log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
+            if writer is not None and done % args.image_every == 0:
+                log_images(writer, shown, shown["pred"], done)
+            if hook is not None:
+                hook(done, model, writer, log)
+            if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
+                save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
+                writer.flush()
+            bar.update(1)
+    except BaseException as e:  # the bar ends its line; Ctrl-C and a failed collective end with one line
+        bar.close()
+        stop_training(e, run_dir, done, args.max_iterations)
+    bar.close()
+    if rank == 0:
+        final = run_dir / f"iter_{args.max_iterations}.pth"
+        save_training_state(final, model, optimizer, args.max_iterations, args, world, data)
+        writer.close()
+        log.info(f"done: {args.max_iterations - start} iterations in {time.time() - t0:.1f} s; final checkpoint "
+                 f"{final}")
+    cleanup()
+    return run_dir
