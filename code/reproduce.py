@@ -34,6 +34,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from utils import REPO_ROOT, resolve
+from utils.flags import RESUME_MAY_DIFFER
 
 CODE = Path(__file__).resolve().parent
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -82,7 +83,7 @@ TABLE5 = {(0.5, 0.5): (91.20, 83.87, 5.41, 1.80), (0.375, 0.625): (91.07, 83.65,
           (0.25, 0.75): (91.33, 84.11, 5.29, 1.53), (0.125, 0.875): (90.22, 82.32, 6.59, 1.76)}
 NET = {"la": "V-Net", "acdc": "U-Net"}
 DEMO_LA_TRAIN = ["--labelnum", "2", "--max_iterations", "120", "--patch_size", "32", "32", "16", "--base_lr", "3e-3",
-                 "--save_every", "40", "--image_every", "40", "--num_workers", "0"]
+                 "--save_every", "40", "--log_every", "4", "--image_every", "40", "--num_workers", "0"]
 DEMO_LA_TEST = ["--stride_xy", "16", "--stride_z", "8", "--sw_batch", "4"]
 
 
@@ -206,10 +207,21 @@ class Run:
         path = self.run_dir / f"iter_{final}.pth"
         return path if path.is_file() else None
 
+    def conflicts(self) -> list:
+        """The settings in which the run folder's config.json differs from this run's (a folder of the same name
+        trained otherwise, say before a row's flags changed): ``['--flag saved -> now']``; empty when none."""
+        try:
+            saved = json.loads((self.run_dir / "config.json").read_text())["args"]
+        except (OSError, ValueError, KeyError):
+            return []
+        return [f"--{k} {saved.get(k, 'absent')} -> {v}" for k, v in sorted(self.config.items())
+                if k not in RESUME_MAY_DIFFER and not k.startswith("print_") and v is not None and saved.get(k) != v]
+
     def summary(self, list_name):
-        """The summary.json of the final checkpoint's evaluation on ``list_name``, or None."""
+        """The summary.json of the final checkpoint's evaluation on ``list_name``, or None (also for a run folder
+        trained with other settings)."""
         path = self.run_dir / f"eval_{Path(list_name).stem}" / "summary.json"
-        final = self.final_checkpoint()
+        final = None if self.conflicts() else self.final_checkpoint()
         try:
             summary = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -219,7 +231,10 @@ class Run:
 
     def state(self) -> str:
         """finished | evaluate (trained, an evaluation missing) | resume (latest.pth) | restart (a folder without a
-        checkpoint: cleared and trained afresh) | train."""
+        checkpoint: cleared and trained afresh) | train | conflict (the folder holds a run with other settings: left
+        alone, reported as failed)."""
+        if self.conflicts():
+            return "conflict"
         if self.final_checkpoint():
             return "finished" if all(self.summary(l) for l in self.lists) else "evaluate"
         if (self.run_dir / "latest.pth").is_file():
@@ -232,7 +247,7 @@ class Run:
         if state in ("train", "restart", "resume"):
             cmds.append([sys.executable, str(CODE / self.train), *self.argv, *(["--resume"] if state == "resume" else [])])
         for list_name in self.lists:
-            if state != "finished" and (state != "evaluate" or not self.summary(list_name)):
+            if state in ("train", "restart", "resume") or (state == "evaluate" and not self.summary(list_name)):
                 cmds.append([sys.executable, str(CODE / f"test_{self.task}.py"), "--run", str(self.run_dir), "--list",
                              list_name, "--root_path", str(self.root), *self.test_flags])
         return cmds
@@ -333,6 +348,7 @@ class Scheduler:
             self.rows.setdefault((row["table"], row["key"]), []).append(run)
         self.slots = [args.gpus[i % len(args.gpus)] if args.gpus else None for i in range(args.jobs)]
         self.lock, self.procs, self.started, self.done, self.failed = threading.Lock(), {}, {}, [], []
+        self.last = ("", 0.0)  # the last progress line printed (without time and ETA), and when
         self.tty = hasattr(out, "isatty") and out.isatty()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30", "TQDM_MAXINTERVAL": "120"}
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the CPU's cores shared by the runs at once
@@ -341,6 +357,11 @@ class Scheduler:
     def run_all(self) -> int:
         queue = [r for r in self.runs if r.state() != "finished"]
         self.finished_before = [r for r in self.runs if r not in queue]
+        for run in [r for r in queue if r.state() == "conflict"]:
+            queue.remove(run)
+            self.failed.append(run)
+            self.say(f"FAILED: {run.name}: {run.run_dir} holds a run trained with other settings "
+                     f"({', '.join(run.conflicts())}); move it away or pass another --runs_dir")
         self.say(f"{len(self.runs)} runs: {len(self.finished_before)} finished, {len(queue)} to do, {len(self.slots)} "
                  f"at once" + (f" on GPUs {','.join(self.args.gpus)}" if self.args.gpus else ""))
         free, pending = list(range(len(self.slots))), {}
@@ -438,11 +459,13 @@ class Scheduler:
                 f"{0 if final else len(self.running())} running, {n_queued} left, {len(self.failed)} failed; rows: "
                 f"{rows_done}/{len(self.rows)} done"
                 + ("" if final else f"; ETA {fmt_duration(eta) if eta is not None else '? (no run finished yet)'}"))
+        counts = line.split("] ", 1)[1].split("; ETA")[0]
         if self.tty and not final:
             self.out.write("\r\033[K" + line)
             self.out.flush()
-        else:
+        elif final or counts != self.last[0] or time.time() - self.last[1] >= 600:  # a log: on news, or each 10 min
             self.say(line)
+            self.last = counts, time.time()
 
     def say(self, text) -> None:
         self.out.write(("\r\033[K" if self.tty else "") + text + "\n")
@@ -832,14 +855,15 @@ def check_data(runs) -> None:
 
 
 STATE_WORDS = {"train": "to train", "restart": "to train afresh", "resume": "to resume", "evaluate": "to evaluate",
-               "finished": "finished"}
+               "finished": "finished", "conflict": "in conflict (trained with other settings)"}
 
 
 def dry_run(runs, per_table, args) -> None:
     for run in runs:
         state = run.state()
         shared = f" (also {', '.join(r['table'] + '/' + r['key'] for r in run.rows[1:])})" if len(run.rows) > 1 else ""
-        print(f"# {run.name}{shared}: {STATE_WORDS[state]}, run folder {shell([str(run.run_dir)])}")
+        print(f"# {run.name}{shared}: {STATE_WORDS[state]}, run folder {shell([str(run.run_dir)])}"
+              + (f": {', '.join(run.conflicts())}" if state == "conflict" else ""))
         for cmd in run.commands(state):
             print("  " + shell(cmd))
     print()

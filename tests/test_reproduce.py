@@ -82,18 +82,18 @@ KNOWN = {  # seed -> (dice, jaccard, hd95, asd) of summary.json; None: no summar
 }
 
 
-def fake_run(run, values, n_cases=2, iterations=10, seconds=30.0):
+def fake_run(run, values, n_cases=2, seconds=30.0):
     """A finished run folder as the training and test scripts leave it, with the given summary."""
     from torch.utils.tensorboard import SummaryWriter
     d = run.run_dir
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"args": {"max_iterations": iterations, "preset": "paper"},
-                                               "git_commit": "abc123", "device": "cpu",
+    iterations = run.config["max_iterations"]
+    (d / "config.json").write_text(json.dumps({"args": run.config, "git_commit": "abc123", "device": "cpu",
                                                "versions": {"torch": "2.13.0"}}))
     (d / f"iter_{iterations}.pth").write_bytes(b"")
     (d / "log.txt").write_text(f"[10:00:00] done: {iterations} iterations in {seconds} s; final checkpoint x\n")
     with SummaryWriter(str(d)) as w:
-        for it in range(1, iterations + 1):
+        for it in range(1, iterations + 1, max(1, iterations // 20)):
             w.add_scalar("train/loss", 1.0 / it + run.seed, it)
             w.add_scalar("train/lr", 0.01 * (1 - it / iterations), it)
     if values is None:
@@ -140,14 +140,24 @@ def test_aggregation_of_known_summaries_with_a_missing_seed(syn_la, tmp_path):
     line = next(l for l in md.splitlines() if l.startswith("| LA 2 of 20 labeled (synthetic), V-Net supervised"))
     assert "| 2 (missing 3) | 65.00 ± 7.07 |" in line
     assert "miss seeds" in md and "never the best seed" in md and "post-processing: none" in md
-    assert "git commit of the runs abc123" in md and "iterations 10" in md
+    assert "git commit of the runs abc123" in md and "iterations 120" in md
     assert "2 empty predictions, 0 empty labels, 0 both-empty cases over 10 evaluated cases" in md
-    # minutes per run from the logs: 30 s for 10 iterations -> 0.5 min
+    # minutes per run from the logs: 30 s for its 120 iterations -> 0.5 min
     assert "0.5 ± 0.0 over 6 runs" in md
     plots = tmp_path / "results" / "demo"
     assert {p.name for p in plots.iterdir()} == {"dice_per_case.png", "curves_supervised.png", "curves_crossmatch.png"}
     assert all(p.stat().st_size > 5000 for p in plots.iterdir())
     assert "](demo/dice_per_case.png)" in md and "](demo/curves_crossmatch.png)" in md
+
+    # a run folder trained with other settings (say, before a row's flags changed) is never reported as this row
+    odd = next(r for r in runs if r.rows[0]["key"] == "crossmatch" and r.seed == 3)
+    config = json.loads((odd.run_dir / "config.json").read_text())
+    config["args"]["labelnum"] = 4
+    (odd.run_dir / "config.json").write_text(json.dumps(config))
+    assert odd.state() == "conflict" and odd.conflicts() == ["--labelnum 4 -> 2"]
+    assert reproduce.main(list(map(str, argv))) == 0
+    cm = read_rows(tmp_path / "results" / "demo.csv")["crossmatch", "test.list"]
+    assert (cm["n_seeds"], cm["missing_seeds"], float(cm["dice_mean"])) == ("2", "3", 85.0)
 
 
 def test_readme_status_block_from_results(tmp_path, capsys):
@@ -183,43 +193,44 @@ def test_readme_status_block_from_results(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- runs, end to end
-def test_short_demo_end_to_end_with_a_failing_run(syn_la, tmp_path):
-    """Two rows x two seeds, two at once. One run fails (its latest.pth is damaged, so its --resume is refused):
-    it is reported with its output's last lines, the other three train and are evaluated, the table says the row
-    misses a seed, and the exit status is 1."""
+def test_short_demo_end_to_end(syn_la, tmp_path):
+    """Two rows x three seeds, two runs at once: seed 1 trains and is evaluated for real; seed 2 is found
+    finished (run folders with known summaries) and skipped; seed 3 of the supervised row fails (its latest.pth
+    is damaged, so its --resume is refused) and is reported with its output's last lines while the others go
+    on, and seed 3 of CrossMatch is found finished. The table holds mean and std over the seeds that finished, says
+    which seed is missing, and the plots exist; the exit status is 1."""
     res = tmp_path / "results"
-    argv = ["--demo", "--seeds", 1, 2, "--jobs", 2, "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--out",
-            res, "--", "--max_iterations", 2, *TINY]
-    runs, _ = reproduce.plan(reproduce.parse_args(list(map(str, argv))), ["demo"])
-    bad = next(r for r in runs if r.rows[0]["key"] == "supervised" and r.seed == 2)
-    bad.run_dir.mkdir(parents=True)
-    (bad.run_dir / "latest.pth").write_bytes(b"not a checkpoint")
+    argv = [*map(str, ["--demo", "--seeds", 1, 2, 3, "--jobs", 2, "--la_root", syn_la, "--runs_dir", tmp_path / "model",
+                       "--out", res, "--", "--max_iterations", 2, *TINY])]
+    runs, _ = reproduce.plan(reproduce.parse_args(argv), ["demo"])
+    by = {(r.rows[0]["key"], r.seed): r for r in runs}
+    for key, seed in (("supervised", 2), ("crossmatch", 2), ("crossmatch", 3)):
+        fake_run(by[key, seed], KNOWN[key][seed])
+    by["supervised", 3].run_dir.mkdir(parents=True)
+    (by["supervised", 3].run_dir / "latest.pth").write_bytes(b"not a checkpoint")
     r = run(*argv)
     assert r.returncode == 1, (r.stdout[-3000:], r.stderr[-3000:])
-    assert "4 runs: 0 finished, 4 to do, 2 at once" in r.stdout
-    assert re.search(r"FAILED: demo/supervised seed 2 \(exit 1\): python code/train_la.py .*--resume", r.stdout)
+    assert "6 runs: 3 finished, 3 to do, 2 at once" in r.stdout
+    assert re.search(r"FAILED: demo/supervised seed 3 \(exit 1\): python code/train_la.py .*--resume", r.stdout)
     assert "last lines of" in r.stdout and "cannot be read" in r.stdout
-    assert "runs: 3/4 done, 0 running, 0 left, 1 failed; rows: 1/2 done" in r.stdout
+    assert "runs: 5/6 done, 0 running, 0 left, 1 failed; rows: 1/2 done" in r.stdout
+
     rows = read_rows(res / "demo.csv")
-    run_dirs = sorted(d for d in (tmp_path / "model").iterdir() if d != bad.run_dir)
-    assert len(run_dirs) == 3 and all(re.fullmatch(r"LA_demo_(supervised|crossmatch)_paper_s[12]_x[0-9a-f]{6}_2_labeled",
-                                                   d.name) for d in run_dirs)
     for key in ("supervised", "crossmatch"):
-        summaries = [json.loads((d / "eval_test" / "summary.json").read_text()) for d in run_dirs if f"_{key}_" in d.name]
-        assert all(s["final_checkpoint"] and s["n_cases"] == 2 for s in summaries)
-        dice = [100 * s["dice"] for s in summaries]
+        real = json.loads((by[key, 1].run_dir / "eval_test" / "summary.json").read_text())
+        assert real["final_checkpoint"] and real["n_cases"] == 2
+        assert re.fullmatch(rf"LA_demo_{key}_paper_s1_x[0-9a-f]{{6}}_2_labeled", by[key, 1].run_dir.name)
+        dice = [100 * real["dice"]] + [100 * KNOWN[key][s][0] for s in (2, 3) if KNOWN[key][s]]
         line = rows[key, "test.list"]
         assert line["n_seeds"] == str(len(dice)) and line["iterations"] == "2"
         assert float(line["dice_mean"]) == pytest.approx(statistics.mean(dice), abs=1e-4)
-        if len(dice) > 1:
-            assert float(line["dice_std"]) == pytest.approx(statistics.stdev(dice), abs=1e-4)
-    assert rows["supervised", "test.list"]["missing_seeds"] == "2"
+        assert float(line["dice_std"]) == pytest.approx(statistics.stdev(dice), abs=1e-4)
+    assert rows["supervised", "test.list"]["missing_seeds"] == "3"
     md = (res / "demo.md").read_text()
-    assert "not the paper's length" in md and "--max_iterations 2" in md
-    assert "| 1 (missing 2) |" in md
+    assert "not the paper's length" in md and "--max_iterations 2" in md and "| 2 (missing 3) |" in md
     assert {p.name for p in (res / "demo").iterdir()} == {"dice_per_case.png", "curves_supervised.png",
                                                          "curves_crossmatch.png"}
-    log = (run_dirs[0] / "reproduce_output.log").read_text()
+    log = (by["crossmatch", 1].run_dir / "reproduce_output.log").read_text()
     assert "python code/train_la.py" in log and "python code/test_la.py" in log
 
 
@@ -231,7 +242,7 @@ def test_a_stopped_run_is_resumed_and_finished_runs_are_skipped(syn_la, tmp_path
                        tmp_path / "results", "--", "--max_iterations", 8, "--save_every", 3, *TINY])]
     runs, _ = reproduce.plan(reproduce.parse_args(argv), ["demo"])
     sup, cm = (next(r for r in runs if r.rows[0]["key"] == key) for key in ("supervised", "crossmatch"))
-    fake_run(sup, (0.5, 0.4, 3.0, 1.0), iterations=8)
+    fake_run(sup, (0.5, 0.4, 3.0, 1.0))
     assert [r.state() for r in runs] == ["finished", "train"]
     sup_files = {p: p.stat().st_mtime_ns for p in sup.run_dir.rglob("*")}
 
