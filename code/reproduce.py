@@ -186,7 +186,7 @@ class Run:
     """One training configuration and seed: a run folder, the rows (of any table) that report it, its commands."""
 
     def __init__(self, row, seed, args, config):
-        self.rows, self.seed, self.args = [row], seed, args
+        self.rows, self.seed = [row], seed
         self.task, self.train, self.root = row["task"], row["train"], data_root(row, args)
         self.config, self.run_dir = config["args"], Path(config["run_dir"])
         self.lists = list(row["lists"])
@@ -548,7 +548,7 @@ def run_facts(entries) -> dict:
         record = r.run_dir / "reproduce.json"
         name = json.loads(record.read_text())[-1].get("device_name") if record.is_file() else None
         devices.add(str(c.get("device", "?")) + (f" ({name})" if name else ""))
-    return dict(n_runs=len(configs), commits=sorted({c.get("git_commit", "?") for c in configs}),
+    return dict(commits=sorted({c.get("git_commit", "?") for c in configs}),
                 devices=sorted(devices), torch=sorted({c.get("versions", {}).get("torch", "?") for c in configs}),
                 iterations=sorted({str(c.get("args", {}).get("max_iterations")) for c in configs}),
                 minutes=seed_stats(per_run) if per_run else None)

@@ -3,7 +3,6 @@
 that the next call resumes while it skips the finished one (CPU, tiny synthetic data)."""
 import csv
 import json
-import math
 import os
 import re
 import signal
