@@ -42,17 +42,19 @@ HEADS = {"dice": "Dice (%)", "jaccard": "Jaccard (%)", "hd95": "95HD (voxel)", "
 PERCENT = {"dice", "jaccard"}  # stored as fractions in summary.json, shown in % like the paper
 TABLES = ("table1", "table2", "table4", "table5", "fig5")
 TITLES = {
-    "table1": "Table I: LA, 4 / 8 / 16 labeled cases, V-Net supervised and CrossMatch",
-    "table2": "Table II: ACDC, 3 / 7 labeled patients, U-Net supervised and CrossMatch",
+    "table1": "Table I: LA, 4 / 8 / 16 labeled cases, V-Net supervised and CrossMatch; CML at 8",
+    "table2": "Table II: ACDC, 3 / 7 labeled patients, U-Net supervised, CrossMatch and CML",
     "table4": "Table IV: LA 8 labeled, the eta sweep (the paper's Table IV) and L_ip / L_tkd / L_dkd switched off",
     "table5": "Table V: LA 8 labeled, weak / strong feature-dropout rates",
     "fig5": "Fig. 5: LA 8 labeled, dropout types",
     "demo": "Demo: synthetic LA-format data, supervised against CrossMatch (not a reproduction)",
 }
 NOTES = {
-    "table1": "The paper's figures: its Table I (V-Net rows and \"Ours\"), final weights, LA test.list.",
+    "table1": "The paper's figures: its Table I (V-Net rows and \"Ours\"), final weights, LA test.list. The CML row's "
+              "are CML's own (its Table 1: Dice, 95HD, ASD; its release picks the best checkpoint on test.list).",
     "table2": "The paper's figures: its Table II (U-Net rows and \"Ours\"), which reports the validation set: they "
-              "apply to val.list. test.list (the 20 patients BCP, AD-MT and ABD report) has no paper figure.",
+              "apply to val.list. test.list (the 20 patients BCP, AD-MT and ABD report) has no CrossMatch figure; the CML "
+              "rows' figures are CML's own Table 2 (Dice, 95HD, ASD), measured on that split.",
     "table4": "The paper's Table IV is the eta sweep (its figures beside the eta rows). The switch-off rows (this "
               "repository's issues call them \"Table IV\" too) and their pairwise combinations have no paper "
               "figure (\"-\"); all three off leaves L_sup only and is not run.",
@@ -113,11 +115,15 @@ ROWS = [
       for (w, s), figures in TABLE5.items()),
     *(_la8_row("fig5", kind, f"{kind} ({cls})", ["--dropout_type", kind])
       for kind, cls in (("dropout", "Dropout3d"), ("alpha", "AlphaDropout"), ("feature_alpha", "FeatureAlphaDropout"))),
-    # the CML baseline (code/train_la_cml.py, code/train_acdc_cml.py: the same flags, run folders and test scripts)
-    # goes here, a row per setting, e.g.
-    #   dict(table="table1", key="la8_cml", row="LA 8 labeled, CML", task="la", train="train_la_cml.py",
-    #        flags=["--labelnum", "8"], lists=LA_TEST, paper={}),
-    # ("paper": the CrossMatch paper has no CML figure; CML's own LA-8 figure, 90.36 Dice, is another protocol)
+    # the CML baseline (code/train_*_cml.py: no --preset; "paper" is CML's own paper, Tables 1 and 2, which print no
+    # Jaccard; its ACDC split is the 20-patient test list)
+    dict(table="table1", key="la8_cml", row="LA 8 labeled, CML (paper: CML's Table 1)", task="la", cml=True,
+         train="train_la_cml.py", flags=["--labelnum", "8"], lists=LA_TEST,
+         paper={"test.list": (90.36, math.nan, 6.06, 1.68)}),
+    *(dict(table="table2", key=f"acdc{n}_cml", row=f"ACDC {n} labeled, CML (paper: CML's Table 2)", task="acdc",
+           cml=True, train="train_acdc_cml.py", flags=["--labelnum", str(n)], lists=ACDC_LISTS,
+           paper={"test.list": figures}) for n, figures in ((3, (88.53, math.nan, 1.87, 0.57)),
+                                                             (7, (89.42, math.nan, 1.42, 0.52)))),
     *(dict(table="demo", key=m, row=f"LA 2 of 20 labeled (synthetic), {label}", task="la", train="train_la.py",
            flags=[*DEMO_LA_TRAIN, "--method", m], lists=LA_TEST, paper={}, test_flags=DEMO_LA_TEST,
            root="data/demo_LA") for m, label in (("supervised", "V-Net supervised"), ("crossmatch", "CrossMatch"))),
@@ -254,9 +260,10 @@ class Run:
 
 
 def train_argv(row, seed, args, root) -> list:
-    exp = f"{row['table']}_{row['key']}_{args.preset}_s{seed}{extra_tag(args.extra)}"
-    return [*row["flags"], "--preset", args.preset, "--seed", str(seed), "--exp", exp, "--out_dir",
-            str(resolve(args.runs_dir)), "--root_path", str(root), *args.extra]
+    preset = [] if row.get("cml") else ["--preset", args.preset]  # CML has no presets
+    exp = f"{row['table']}_{row['key']}{'' if row.get('cml') else '_' + args.preset}_s{seed}{extra_tag(args.extra)}"
+    return [*row["flags"], *preset, "--seed", str(seed), "--exp", exp, "--out_dir", str(resolve(args.runs_dir)),
+            "--root_path", str(root), *args.extra]
 
 
 def plan(args, tables) -> tuple:
@@ -805,8 +812,8 @@ def status_block(out: Path, base: Path) -> str:
                                 + (f"; extra flags `{r['extra_flags']}`: a trial" if r["extra_flags"] else ""))
                 else:
                     ours, protocol = "not yet measured", ""
-                lines.append(f"| {PAPER_NAMES[table]} | {row['row']} | {list_name} | "
-                             f"{' / '.join(f'{v:.2f}' for v in paper) if paper else '-'} | {ours} | {protocol} |")
+                figures = " / ".join("-" if math.isnan(v) else f"{v:.2f}" for v in paper) if paper else "-"
+                lines.append(f"| {PAPER_NAMES[table]} | {row['row']} | {list_name} | {figures} | {ours} | {protocol} |")
     return "\n".join(lines)
 
 

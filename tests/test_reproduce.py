@@ -46,21 +46,25 @@ def test_dry_run_of_all_prints_every_run_and_touches_nothing(tmp_path):
     out = r.stdout
     assert list(tmp_path.iterdir()) == []
     counts = dict(re.findall(r"^(table1|table2|table4|table5|fig5): \d+ rows x 3 seeds = (\d+) runs", out, re.M))
-    assert counts == {"table1": "18", "table2": "12", "table4": "45", "table5": "12", "fig5": "9"}
+    assert counts == {"table1": "21", "table2": "18", "table4": "45", "table5": "12", "fig5": "9"}
     # table4's eta 0.3, table5's 0.25 / 0.75 and fig5's Dropout3d rows are table1's LA-8 CrossMatch runs
-    assert re.search(r"^all: 87 distinct runs", out, re.M)
-    assert len(re.findall(r"^# ", out, re.M)) == 87
+    assert re.search(r"^all: 96 distinct runs", out, re.M)
+    assert len(re.findall(r"^# ", out, re.M)) == 96
     shared = "table1/la8_crossmatch seed 1338 (also table4/eta0.3, table5/drop0.25-0.75, fig5/dropout): to train"
     assert shared in out
     # every run trains, then evaluates: LA on test.list, ACDC on val.list and test.list
     assert out.count("python code/train_la.py") == 75 and out.count("python code/train_acdc.py") == 12
-    assert out.count("python code/test_la.py") == 75 and out.count("python code/test_acdc.py") == 24
+    assert out.count("python code/test_la.py") == 78 and out.count("python code/test_acdc.py") == 36
+    # the CML baseline: its own scripts, no --preset, evaluated as CrossMatch is
+    assert out.count("python code/train_la_cml.py") == 3 and out.count("python code/train_acdc_cml.py") == 6
+    assert (f"train_la_cml.py --labelnum 8 --seed 1337 --exp table1_la8_cml_s1337 --out_dir {tmp_path / 'model'}"
+            in out)
     folder = tmp_path / "model" / "LA_table5_drop0.125-0.875_paper_s1339_8_labeled"
     assert f"run folder {folder}" in out
     assert (f"train_la.py --labelnum 8 --drop_weak 0.125 --drop_strong 0.875 --preset paper --seed 1339 --exp "
             f"table5_drop0.125-0.875_paper_s1339 --out_dir {tmp_path / 'model'}") in out
     assert "--labelnum 8 --no_ip --no_dkd" in out and "--dropout_type feature_alpha" in out
-    assert "table2/acdc7_supervised seed 1337" in out and "300 epochs each" in out
+    assert "table2/acdc7_supervised seed 1337" in out and "300 epochs / 40000 iterations each" in out
 
 
 def test_rows_that_share_a_run_resolve_to_the_same_settings():
@@ -71,7 +75,7 @@ def test_rows_that_share_a_run_resolve_to_the_same_settings():
     runs, per_table = reproduce.plan(args, list(reproduce.TABLES))
     shared = {tuple(f"{r['table']}/{r['key']}" for r in run.rows) for run in runs if len(run.rows) > 1}
     assert shared == {("table1/la8_crossmatch", "table4/eta0.3", "table5/drop0.25-0.75", "fig5/dropout")}
-    assert len({run.run_dir for run in runs}) == len(runs) == 29
+    assert len({run.run_dir for run in runs}) == len(runs) == 32
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
