@@ -11,8 +11,8 @@ import time
 
 from utils.checkpoint import CheckpointError
 from utils.data import DataError, load_case
-from utils.evaluation import (Table, case_note, eval_parser, predict_slices, prepare, protocol, save_nii,
-                              save_overlay_png, write_results)
+from utils.evaluation import (Table, case_note, eval_parser, predict_slices, prepare, protocol, report, save_nii,
+                              save_overlay_png)
 from utils.metrics import METRICS, multiclass_metrics, summarize_multiclass
 
 CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
@@ -48,14 +48,8 @@ def evaluate(args) -> dict:
             save_nii(s.out_dir / "predictions", name, image, label, pred)
     summary = {**summarize_multiclass(volumes, CLASS_NAMES, args.empty_distance), **protocol(s, args),
                "batch_slices": args.batch_slices, "seconds": round(time.perf_counter() - start, 1)}
-    for cname, c in summary["per_class"].items():
-        print(table.mean_std(cname, c))
-    print(table.mean_std("", summary))
-    print(summary["distance_policy"])
-    paths = write_results(s.out_dir, rows, ["case", "class", *METRICS, "empty_pred", "empty_label", "both_empty"],
-                          summary)
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return summary
+    return report(table, s.out_dir, rows, ["case", "class", *METRICS, "empty_pred", "empty_label", "both_empty"],
+                  summary)
 
 
 def main(argv=None) -> dict:

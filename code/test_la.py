@@ -12,8 +12,8 @@ import numpy as np
 
 from utils.checkpoint import CheckpointError
 from utils.data import DataError, load_case
-from utils.evaluation import (Table, case_note, eval_parser, largest_connected_component, prepare, protocol,
-                              save_nii, save_overlay_png, sliding_window, write_results)
+from utils.evaluation import (Table, case_note, eval_parser, largest_connected_component, prepare, protocol, report,
+                              save_nii, save_overlay_png, sliding_window)
 from utils.metrics import METRICS, binary_metrics, summarize
 
 
@@ -52,11 +52,7 @@ def evaluate(args) -> dict:
     summary = {**summarize(rows, args.empty_distance), **protocol(s, args), "lcc": args.lcc,
                "stride_xy": args.stride_xy, "stride_z": args.stride_z, "sw_batch": args.sw_batch,
                "seconds": round(time.perf_counter() - start, 1)}
-    print(table.mean_std("", summary))
-    print(summary["distance_policy"])
-    paths = write_results(s.out_dir, rows, ["case", *METRICS, "empty_pred", "empty_label", "both_empty"], summary)
-    print(f"wrote {paths[0]} and {paths[1]}")
-    return summary
+    return report(table, s.out_dir, rows, ["case", *METRICS, "empty_pred", "empty_label", "both_empty"], summary)
 
 
 def main(argv=None) -> dict:

@@ -119,10 +119,11 @@ def train(args):
             writer.add_scalar("val/mean_dice", dice, done)
             log.info(f"it {done}: mean Dice on {args.val_list} {dice:.4f} (logged only)")
 
-    return train_loop(args, "acdc", train_iteration, model, process, run_dir, root, names, n_labeled,
+    return train_loop(args, "acdc", train_iteration, process, run_dir, root, names, n_labeled,
                       dict(n_labeled_slices=n_labeled, n_unlabeled_slices=len(names) - n_labeled),
                       f"{args.labelnum} labeled patients = {n_labeled} slices / {len(names) - n_labeled} "
-                      f"unlabeled slices", warnings,
+                      f"unlabeled slices", (args.labeled_bs, args.batch_size - args.labeled_bs, 0), model=model,
+                      warnings=warnings,
                       notes=[f"subnet 0: U-Net, 1x1 convolution + bilinear decoder, {n0:,} parameters; subnet 1: "
                              f"U-Net, transposed-convolution decoder, {n1:,} parameters; pre-training "
                              f"{args.pre_iterations} iterations, then self-training"], hook=hook)

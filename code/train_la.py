@@ -4,27 +4,16 @@
     python code/train_la.py --labelnum 8 --method supervised      # the V-Net row: labeled data only
 
 `train_iteration` is the whole method, top to bottom: one iteration from a host batch to the optimizer step.
-`main` is the plumbing: flags, data, run folder, checkpoints, logs.
+`main` is the plumbing: flags, the training list, then utils/loop.py (run folder, resume, data, checkpoints, logs).
 """
-import json
-import time
-
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from utils import resolve
-from utils.checkpoint import finish_done_run, load_resume, save_training_state
 from utils.cutmix import partner_index, sample_boxes
-from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
-from utils.distributed import cleanup
 from utils.flags import check_train_args, train_parser
+from utils.loop import print_settings, start_run, train_loop
 from utils.losses import UNSUP_CRITERIA, supervised_loss
-from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
-                              run_dir_of, run_training, stop_training)
-from utils.sampler import TwoStreamBatchSampler, collate_two_stream
-from utils.training import (autocast, build_for_training, conf_threshold, iteration_seed, memory_format, poly_lr, setup,
-                            wrap_model)
+from utils.run_folder import run_training
+from utils.training import autocast, conf_threshold, iteration_seed, memory_format, poly_lr
 
 
 def parse_args(argv=None):
@@ -38,7 +27,7 @@ def train_iteration(model, optimizer, batch, it, args, device):
     """Iteration ``it``: Algorithm 1 (or supervised training), backward, optimizer step.
 
     Every random draw in here (CutMix boxes, dropout masks) comes from the torch RNG seeded from (seed, it, rank).
-    Returns the detached loss terms and the labeled samples' logits."""
+    Returns the detached loss terms and what tensorboard shows: the labeled images, labels and logits."""
     torch.manual_seed(iteration_seed(args.seed, it))
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(args, it)
@@ -132,93 +121,35 @@ def train_iteration(model, optimizer, batch, it, args, device):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"loss": loss.detach(), **{k: v.detach() for k, v in logs.items()}}, p_l.detach()
+    return ({"loss": loss.detach(), **{k: v.detach() for k, v in logs.items()}},
+            {"x_l": x_l.detach(), "y_l": y_l, "pred": p_l.detach()})
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.print_run_dir or args.print_config:
-        print(run_dir_of(args) if args.print_run_dir else json.dumps(config_of(args, run_dir=str(run_dir_of(args))),
-                                                                       indent=2, default=str))
-        return run_dir_of(args)
+        return print_settings(args)
     return run_training(train, args)
 
 
 def train(args):
-    """Set-up, data, run folder (rank 0 holds it from check_run_dir on), model and the training loop; returns the
-    run folder."""
-    device, rank, world, local_rank = setup(args)
-    run_dir = check_run_dir(args, rank)
-    root = resolve(args.root_path)
-    try:
-        names = read_list(find_list(root, args.train_list))
-        if args.labelnum > len(names):
-            raise DataError(f"--labelnum {args.labelnum} is larger than the {len(names)} cases of {args.train_list}")
-        if args.labelnum == len(names) and args.method == "crossmatch":
-            raise DataError(f"--labelnum {args.labelnum}: all {len(names)} cases of {args.train_list} labeled leaves "
-                            f"no unlabeled case for CrossMatch (--method supervised trains on labeled cases only)")
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    supervised = args.method == "supervised"
-    labeled_bs, unlabeled_bs = (args.batch_size, 0) if supervised else (args.labeled_bs, args.batch_size - args.labeled_bs)
-
-    data = data_fingerprint("la", root, names[:args.labelnum], [] if supervised else names[args.labelnum:])
-    ckpt, warnings = load_resume(run_dir / "latest.pth", args, world, data) if args.resume else (None, [])
-    log = get_logger(quiet=rank != 0)
-    if finish_done_run(ckpt, args, run_dir, rank, log):
-        cleanup()
-        return run_dir
-    model, optimizer = build_for_training("la", args, device, world, ckpt, run_dir / "latest.pth")
-    start = ckpt["iteration"] if ckpt else 0
-    del ckpt
-    try:
-        dataset = TrainSet("la", root, names[:args.labelnum] if supervised else names, args.labelnum, args.patch_size)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
-
-    train_model = wrap_model(model, args, device, world, local_rank)
-    partner_bs = unlabeled_bs if args.cutmix_partner == "second_batch" and args.cutmix_p > 0 else 0
-    sampler = TwoStreamBatchSampler(range(args.labelnum), range(args.labelnum, len(dataset)), labeled_bs,
-                                    unlabeled_bs, args.seed, args.max_iterations, start, rank, world, partner_bs)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
-
-    writer = None
-    if rank == 0:
-        log, writer = open_run_folder(args, config_of(args, run_dir=str(run_dir), device=str(device), world_size=world,
-                                                      n_labeled=args.labelnum, n_unlabeled=len(dataset) - args.labelnum),
-                                      warnings)
-        log.info(f"LA {args.method}: {args.labelnum} labeled / {len(dataset) - args.labelnum} unlabeled cases, "
-                 f"{labeled_bs}+{unlabeled_bs} per batch x {world} process(es), iterations {start} -> "
-                 f"{args.max_iterations}, device {device}, amp {args.amp}, preset {args.preset}; "
-                 f"run folder {run_dir}")
-
-    model.train()
-    bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
-    t0, done = time.time(), start
-    try:
-        for it, batch in enumerate(loader, start=start):
-            logs, p_l = train_iteration(train_model, optimizer, batch, it, args, device)
-            done = it + 1
-            log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
-            if writer is not None and done % args.image_every == 0:
-                log_images(writer, batch, p_l, done)
-            if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
-                save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
-                writer.flush()
-            bar.update(1)
-    except BaseException as e:  # the bar ends its line; Ctrl-C and a failed collective end with one line
-        bar.close()
-        stop_training(e, run_dir, done, args.max_iterations)
-    bar.close()
-    if rank == 0:
-        save_training_state(run_dir / f"iter_{args.max_iterations}.pth", model, optimizer, args.max_iterations, args,
-                            world, data)
-        writer.close()
-        log.info(f"done: {args.max_iterations - start} iterations in {time.time() - t0:.1f} s; final checkpoint "
-                 f"{run_dir / f'iter_{args.max_iterations}.pth'}")
-    cleanup()
-    return run_dir
+    """Set-up, the training list, then utils/loop.py's loop (rank 0 holds the run folder from start_run on)."""
+    process, run_dir, root, names = start_run(args)
+    if args.labelnum > len(names):
+        raise SystemExit(f"error: --labelnum {args.labelnum} is larger than the {len(names)} cases of "
+                         f"{args.train_list}")
+    if args.labelnum == len(names) and args.method == "crossmatch":
+        raise SystemExit(f"error: --labelnum {args.labelnum}: all {len(names)} cases of {args.train_list} labeled "
+                         f"leaves no unlabeled case for CrossMatch (--method supervised trains on labeled cases only)")
+    if args.method == "supervised":
+        names, batch_sizes = names[:args.labelnum], (args.batch_size, 0, 0)
+    else:
+        unlabeled_bs = args.batch_size - args.labeled_bs
+        partner_bs = unlabeled_bs if args.cutmix_partner == "second_batch" and args.cutmix_p > 0 else 0
+        batch_sizes = (args.labeled_bs, unlabeled_bs, partner_bs)
+    return train_loop(args, "la", train_iteration, process, run_dir, root, names, args.labelnum,
+                      dict(n_labeled=args.labelnum, n_unlabeled=len(names) - args.labelnum),
+                      f"{args.labelnum} labeled / {len(names) - args.labelnum} unlabeled cases", batch_sizes)
 
 
 if __name__ == "__main__":

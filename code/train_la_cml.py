@@ -107,9 +107,10 @@ def train(args):
         if done == args.pre_iterations:
             log.info(f"it {done}: pre-training done, self-training from here to {args.max_iterations}")
 
-    return train_loop(args, "la", train_iteration, model, process, run_dir, root, names, args.labelnum,
+    return train_loop(args, "la", train_iteration, process, run_dir, root, names, args.labelnum,
                       dict(n_labeled=args.labelnum, n_unlabeled=len(names) - args.labelnum),
                       f"{args.labelnum} labeled / {len(names) - args.labelnum} unlabeled cases",
+                      (args.labeled_bs, args.batch_size - args.labeled_bs, 0), model=model,
                       notes=[f"subnet 0: V-Net, transposed-convolution decoder, {n0:,} parameters; subnet 1: V-Net, "
                              f"trilinear + convolution decoder, {n1:,} parameters; pre-training "
                              f"{args.pre_iterations} iterations, then self-training"], hook=hook)

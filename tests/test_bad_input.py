@@ -36,6 +36,7 @@ import test_la  # noqa: E402
 import train_acdc  # noqa: E402
 import train_la  # noqa: E402
 from networks import build_model  # noqa: E402
+from utils import loop  # noqa: E402
 from utils.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from utils.data import TrainSet, case_path, read_list  # noqa: E402
 from utils.synthetic import make_acdc, make_la  # noqa: E402
@@ -313,11 +314,11 @@ def run_case(case: Case, la_master, acdc_master, tmp: Path):
         def reached(*a, **k):
             raise TooLate(f"{case.name}: {what} reached; the check came too late")
         return reached
-    saved = {"wrap_model": module.wrap_model}
+    saved = {"wrap_model": loop.wrap_model}
     if not case.data:
-        saved["TrainSet"] = module.TrainSet
+        saved["TrainSet"] = loop.TrainSet
     for attr in saved:
-        setattr(module, attr, too_late("the training set" if attr == "TrainSet" else "the training loop"))
+        setattr(loop, attr, too_late("the training set" if attr == "TrainSet" else "the training loop"))
     err = StringIO()
     argv0, sys.argv[0] = sys.argv[0], str(CODE / case.script)  # argparse names the program after it
     t0 = time.perf_counter()
@@ -333,7 +334,7 @@ def run_case(case: Case, la_master, acdc_master, tmp: Path):
     finally:
         sys.argv[0] = argv0
         for attr, value in saved.items():
-            setattr(module, attr, value)
+            setattr(loop, attr, value)
     seconds = time.perf_counter() - t0
     after = sorted(p.relative_to(out) for p in out.rglob("*")) if out.is_dir() else []
     return code, message, seconds, [str(p) for p in after if p not in before]

@@ -110,8 +110,10 @@ def run_stub(args, L=2, U=2, spatial=(3, 3, 2), seed=0, it=0, n_classes=2, modul
         batch[k] = torch.zeros(U, 1, *spatial)
     net = StubNet(*map(torch.from_numpy, outs))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    logs, p_l = module.train_iteration(net, opt, batch, it, args, torch.device("cpu"))
+    logs, shown = module.train_iteration(net, opt, batch, it, args, torch.device("cpu"))
+    p_l = shown["pred"]
     assert torch.equal(p_l, torch.from_numpy(outs[-2][:L])) and not p_l.requires_grad  # the labeled logits
+    assert torch.equal(shown["x_l"], batch["x_l"]) and torch.equal(shown["y_l"], batch["y_l"])
     assert all(not v.requires_grad for v in logs.values())
     return net, logs, [o.astype(np.float64) for o in outs], y_l
 
@@ -235,7 +237,8 @@ def test_supervised_method_and_the_optimizer_step():
     opt = torch.optim.SGD(net.parameters(), lr=123.0)
     args = make_args("paper", "--method", "supervised", "--base_lr", 0.1)
     batch = {"x_l": torch.zeros(L, 1, *spatial), "y_l": torch.from_numpy(y_l)}
-    logs, p_l = train_la.train_iteration(net, opt, batch, it, args, torch.device("cpu"))
+    logs, shown = train_la.train_iteration(net, opt, batch, it, args, torch.device("cpu"))
+    p_l = shown["pred"]
     assert net.calls == [((L, 1, *spatial), 0, True)]
     assert logs.keys() == {"loss", "loss_sup"} and torch.equal(p_l, torch.from_numpy(out))
     exp = 0.5 * (np_ce(out.astype(np.float64), y_l) + np_dice(out.astype(np.float64), y_l, np.ones(y_l.shape)))

@@ -28,7 +28,7 @@ import torch
 import test_acdc
 import train_acdc
 import train_la
-from utils import run_folder
+from utils import loop, run_folder
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_resume, mount_point, remove_temp_files,
                               save_checkpoint, save_training_state)
@@ -138,7 +138,7 @@ def acdc_reference(acdc_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     snapshots = out / "ACDC_ref_1_labeled.snapshots"
     snapshots.mkdir()
-    real = train_acdc.save_training_state
+    real = loop.save_training_state
 
     def keeping_copies(path, model, optimizer, iteration, *rest):
         real(path, model, optimizer, iteration, *rest)
@@ -146,11 +146,11 @@ def acdc_reference(acdc_root, tmp_path_factory):
             shutil.copy(path, snapshots / f"latest_{iteration}.pth")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    train_acdc.save_training_state = keeping_copies
+    loop.save_training_state = keeping_copies
     try:
         run_dir = train_acdc.main(acdc_args(acdc_root, out, "ref"))
     finally:
-        train_acdc.save_training_state = real
+        loop.save_training_state = real
         torch.set_num_threads(before)
     assert (run_dir / f"iter_{ACDC_ITERS}.pth").is_file()
     assert sorted(p.name for p in snapshots.iterdir()) == sorted(f"latest_{i}.pth" for i in range(1, ACDC_ITERS + 1))
@@ -369,7 +369,7 @@ def test_resume_of_a_finished_run_says_so_and_trains_nothing(acdc_root, acdc_ref
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
     monkeypatch.setattr(train_acdc, "train_iteration", no_training)
-    monkeypatch.setattr(train_acdc, "TrainSet", no_training)
+    monkeypatch.setattr(loop, "TrainSet", no_training)
     run_dir = tmp_path / "ACDC_done_1_labeled"
     shutil.copytree(acdc_reference, run_dir)
     final = run_dir / f"iter_{ACDC_ITERS}.pth"

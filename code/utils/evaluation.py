@@ -223,6 +223,18 @@ def _json_safe(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def report(table: Table, out_dir: Path, rows: list, columns: list, summary: dict) -> dict:
+    """Print the means and standard deviations (per class first, if any) and the distance policy, write
+    ``metrics.csv`` and ``summary.json``; returns the summary."""
+    for name, per_class in summary.get("per_class", {}).items():
+        print(table.mean_std(name, per_class))
+    print(table.mean_std("", summary))
+    print(summary["distance_policy"])
+    paths = write_results(out_dir, rows, columns, summary)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return summary
+
+
 def write_results(out_dir: Path, rows: list, columns: list, summary: dict) -> tuple:
     """``metrics.csv`` (a row per case, or per case and class) and ``summary.json`` (NaN as null)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
-"""The plumbing around a ``train_iteration``, as the CML scripts use it: resume, model and optimizer, the training
-set and its loader, the run folder, then the loop with its logs and checkpoints. Step for step what the ``main`` of
-train_la.py / train_acdc.py does (docs/RELIABILITY.md): exact resume, atomic checkpoints, DDP, one-line errors.
+"""The plumbing around a ``train_iteration`` that the four training scripts share: the run folder and the list
+first, then resume, model and optimizer, the training set and its loader, the run folder's files, and the loop
+with its logs and checkpoints (docs/RELIABILITY.md: exact resume, atomic checkpoints, DDP, one-line errors).
+Each script keeps its method, ``train_iteration``, written out top to bottom, and calls ``train_loop`` with it.
 """
 import json
 import time
@@ -39,15 +40,17 @@ def start_run(args) -> tuple:
     return process, run_dir, root, names
 
 
-def train_loop(args, task, train_iteration, model, process, run_dir, root, names, n_labeled, counts: dict,
-               what: str, warnings=(), notes=(), hook=None):
-    """Train ``model`` with ``train_iteration`` from iteration 0 (or latest.pth with --resume) to --max_iterations.
+def train_loop(args, task, train_iteration, process, run_dir, root, names, n_labeled, counts: dict, what: str,
+               batch_sizes: tuple, model=None, dataset_kw=None, warnings=(), notes=(), hook=None):
+    """Train with ``train_iteration`` from iteration 0 (or latest.pth with --resume) to --max_iterations; can stop
+    training (one line) and writes the checkpoints (rank 0). Returns the run folder.
 
-    ``process`` is ``setup(args)``; ``names`` the training list, its first ``n_labeled`` entries labeled;
-    ``counts`` go into config.json; ``what`` (the data in words) and ``notes`` into the first log lines;
-    ``hook(done, model, writer, log)`` runs after every iteration (``writer`` is None on ranks other than 0).
-    ``train_iteration`` returns its logs and ``shown``, a dict with ``x_l``, ``y_l`` and ``pred`` for the
-    tensorboard images. Returns the run folder."""
+    ``process`` is ``setup(args)``; ``names`` the training cases, the first ``n_labeled`` labeled; ``counts`` go
+    into config.json; ``what`` (the data in words) and ``notes`` into the first log lines; ``batch_sizes`` is
+    (labeled, unlabeled, CutMix partners) per iteration and process; ``model`` a network built by the caller
+    (default: the task's, from the flags); ``dataset_kw`` more TrainSet arguments; ``hook(done, model, writer,
+    log)`` runs after every iteration (``writer`` is None on ranks other than 0). ``train_iteration`` returns its
+    logs and ``shown``, a dict with ``x_l``, ``y_l`` and ``pred`` for the tensorboard images."""
     device, rank, world, local_rank = process
     data = data_fingerprint(task, root, names[:n_labeled], names[n_labeled:])
     ckpt, resume_warnings = load_resume(run_dir / "latest.pth", args, world, data) if args.resume else (None, [])
@@ -59,23 +62,24 @@ def train_loop(args, task, train_iteration, model, process, run_dir, root, names
     start = ckpt["iteration"] if ckpt else 0
     del ckpt
     try:
-        dataset = TrainSet(task, root, names, n_labeled, args.patch_size)
+        dataset = TrainSet(task, root, names, n_labeled, args.patch_size, **(dataset_kw or {}))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 
-    labeled_bs, unlabeled_bs = args.labeled_bs, args.batch_size - args.labeled_bs
+    labeled_bs, unlabeled_bs, partner_bs = batch_sizes
     train_model = wrap_model(model, args, device, world, local_rank)
     sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), labeled_bs, unlabeled_bs,
-                                    args.seed, args.max_iterations, start, rank, world)
+                                    args.seed, args.max_iterations, start, rank, world, partner_bs)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     writer = None
     if rank == 0:
         config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts)
         log, writer = open_run_folder(args, config, [*warnings, *resume_warnings])
+        preset = f", preset {args.preset}" if getattr(args, "preset", None) else ""
         log.info(f"{task.upper()} {args.method}: {what}, {labeled_bs}+{unlabeled_bs} per batch x {world} "
-                 f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}; "
-                 f"run folder {run_dir}")
+                 f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}"
+                 f"{preset}; run folder {run_dir}")
         for line in notes:
             log.info(line)
 
