@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import reproduce
+from test_real_data import ACDC_ROOT, needs_acdc
 
 REPO = Path(__file__).resolve().parents[1]
 # the demo's rows, made tiny: 16^3 patches
@@ -41,10 +42,13 @@ def read_rows(path):
 
 # --------------------------------------------------------------------------------------------------- dry run
 def test_dry_run_of_all_prints_every_run_and_touches_nothing(tmp_path):
-    r = run("all", "--dry_run", "--runs_dir", tmp_path / "model", "--out", tmp_path / "results")
+    # no data at the roots (the same output on every machine): ACDC's length stays in epochs
+    nowhere = tmp_path.parent / (tmp_path.name + "_nowhere")
+    r = run("all", "--dry_run", "--runs_dir", tmp_path / "model", "--out", tmp_path / "results",
+            "--la_root", nowhere / "LA", "--acdc_root", nowhere / "ACDC")
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and not nowhere.exists()
     counts = dict(re.findall(r"^(table1|table2|table4|table5|fig5): \d+ rows x 3 seeds = (\d+) runs", out, re.M))
     assert counts == {"table1": "21", "table2": "18", "table4": "45", "table5": "12", "fig5": "9"}
     # table4's eta 0.3, table5's 0.25 / 0.75 and fig5's Dropout3d rows are table1's LA-8 CrossMatch runs
@@ -65,6 +69,17 @@ def test_dry_run_of_all_prints_every_run_and_touches_nothing(tmp_path):
             f"table5_drop0.125-0.875_paper_s1339 --out_dir {tmp_path / 'model'}") in out
     assert "--labelnum 8 --no_ip --no_dkd" in out and "--dropout_type feature_alpha" in out
     assert "table2/acdc7_supervised seed 1337" in out and "300 epochs / 40000 iterations each" in out
+
+
+@needs_acdc
+def test_dry_run_on_the_real_acdc_data_turns_epochs_into_iterations(tmp_path):
+    """With the real training list, 300 epochs over the unlabeled slices of the 7-labeled split are the
+    29,400 iterations of docs/METHOD.md (98 per epoch); CML keeps its own 40,000."""
+    r = run("table2", "--dry_run", "--runs_dir", tmp_path / "model", "--out", tmp_path / "results",
+            "--acdc_root", ACDC_ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = re.search(r"^table2: .* each;", r.stdout, re.M).group(0)
+    assert "29400 iterations" in line and "40000 iterations" in line and "epochs" not in line
 
 
 def test_rows_that_share_a_run_resolve_to_the_same_settings():
