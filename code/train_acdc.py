@@ -9,17 +9,15 @@
 """
 import math
 
-import numpy as np
 import torch
 
 from utils import resolve
 from utils.cutmix import partner_index, sample_boxes
-from utils.data import DataError, acdc_labeled_slices, find_list, load_case, read_list
-from utils.evaluation import predict_slices
+from utils.data import DataError, acdc_labeled_slices, find_list, read_list
+from utils.evaluation import acdc_validation
 from utils.flags import check_train_args, train_parser
 from utils.loop import print_settings, start_run, train_loop
 from utils.losses import UNSUP_CRITERIA, supervised_loss
-from utils.metrics import multiclass_metrics
 from utils.run_folder import run_training
 from utils.training import autocast, conf_threshold, iteration_seed, memory_format, poly_lr
 
@@ -136,17 +134,6 @@ def train_iteration(model, optimizer, batch, it, args, device):
             {"x_l": x_l.detach(), "y_l": y_l, "pred": p_l.detach()})
 
 
-def validate(model, root, names, args, device) -> float:
-    """Mean Dice over RV, Myo and LV on a volume list (logged only, never used to pick a checkpoint)."""
-    dice = []
-    for name in names:
-        image, label = load_case("acdc", root, name)
-        pred = predict_slices(model, image, args.patch_size, device)
-        dice.append(np.mean([m["dice"] for m in multiclass_metrics(pred, label, (1, 2, 3)).values()]))
-    model.train()
-    return float(np.mean(dice))
-
-
 def resolve_length(args, names, world: int) -> int:
     """The number of labeled slices; sets --max_iterations from --epochs when it is not given."""
     n_labeled, warnings = acdc_labeled_slices(names, args.labelnum, args.train_list, args.method == "crossmatch")
@@ -175,9 +162,7 @@ def train(args):
     rank, world = process[1], process[2]
     try:
         n_labeled, warnings = resolve_length(args, names, world)
-        val_names = read_list(find_list(root, args.val_list)) if args.val_every and rank == 0 else []
-        for name in val_names:  # checked now rather than at the first validation
-            load_case("acdc", root, name)
+        log_validation = acdc_validation(args, root, process[0], rank)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     if args.method == "supervised":
@@ -186,12 +171,6 @@ def train(args):
         unlabeled_bs = args.batch_size - args.labeled_bs
         partner_bs = unlabeled_bs if args.cutmix_partner == "second_batch" and args.cutmix_p > 0 else 0
         batch_sizes = (args.labeled_bs, unlabeled_bs, partner_bs)
-
-    def log_validation(done, model, writer, log):
-        if val_names and done % args.val_every == 0:
-            dice = validate(model, root, val_names, args, process[0])
-            writer.add_scalar("val/mean_dice", dice, done)
-            log.info(f"it {done}: mean Dice on {args.val_list} {dice:.4f} (logged only)")
 
     return train_loop(args, "acdc", train_iteration, process, run_dir, root, names, n_labeled,
                       dict(n_labeled_slices=n_labeled, n_unlabeled_slices=len(names) - n_labeled),

@@ -10,9 +10,9 @@ is always the final one.
 import torch
 
 from networks import build_cml
-from train_acdc import validate
 from utils.cml import cml_lr, conflict_loss, cuboid_mask, pseudo_labels
-from utils.data import DataError, acdc_labeled_slices, find_list, load_case, read_list
+from utils.data import DataError, acdc_labeled_slices
+from utils.evaluation import acdc_validation
 from utils.flags import check_cml_args, cml_parser
 from utils.loop import print_settings, start_run, train_loop
 from utils.run_folder import run_training
@@ -103,9 +103,7 @@ def train(args):
     process, run_dir, root, names = start_run(args)
     try:
         n_labeled, warnings = acdc_labeled_slices(names, args.labelnum, args.train_list)
-        val_names = read_list(find_list(root, args.val_list)) if args.val_every and process[1] == 0 else []
-        for name in val_names:  # checked now rather than at the first validation
-            load_case("acdc", root, name)
+        log_validation = acdc_validation(args, root, process[0], process[1])
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
     model = build_cml("acdc")
@@ -114,10 +112,7 @@ def train(args):
     def hook(done, model, writer, log):
         if done == args.pre_iterations:
             log.info(f"it {done}: pre-training done, self-training from here to {args.max_iterations}")
-        if val_names and done % args.val_every == 0:
-            dice = validate(model, root, val_names, args, process[0])
-            writer.add_scalar("val/mean_dice", dice, done)
-            log.info(f"it {done}: mean Dice on {args.val_list} {dice:.4f} (logged only)")
+        log_validation(done, model, writer, log)
 
     return train_loop(args, "acdc", train_iteration, process, run_dir, root, names, n_labeled,
                       dict(n_labeled_slices=n_labeled, n_unlabeled_slices=len(names) - n_labeled),

@@ -26,3 +26,15 @@ def syn_acdc(tmp_path_factory):
     from utils.synthetic import make_acdc
     return make_acdc(tmp_path_factory.mktemp("syn_acdc"), n_train_patients=3, n_val=1, n_test=1,
                      shape=(6, 48, 48), seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs compute with one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1): results do
+    not depend on the machine's core count, and on a shared 2-core machine two OpenMP threads can wait on each
+    other for seconds."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

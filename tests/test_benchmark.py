@@ -15,15 +15,6 @@ TINY = {"la": ["--patch_size", "32", "32", "16"],
 RESULT_KEYS = {"ms_per_iter", "ms_std", "ms_median", "ms_all", "gflops_per_iter", "peak_mb", "batch", "patch_size"}
 
 
-@pytest.fixture
-def one_thread():
-    """One thread: on a shared 2-core machine two OpenMP threads can wait on each other for seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("task", ["la", "acdc"])
 def test_all_methods_tiny(task, tmp_path, one_thread):
     path = tmp_path / f"{task}.json"

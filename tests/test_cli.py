@@ -34,6 +34,10 @@ def check_run_folder(run_dir, max_it, task):
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "log.txt", "latest.pth", f"iter_{max_it}.pth"} <= names, names
     assert any(n.startswith("events.out.tfevents") for n in names)
+    # --image_every 1: the labeled image, its label and the prediction at every iteration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    images = EventAccumulator(str(run_dir)).Reload().Tags()["images"]
+    assert set(images) == {"train/image", "train/label", "train/prediction"}, images
     assert not any(n.endswith(".tmp") for n in names)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["args"]["max_iterations"] == max_it and cfg["git_commit"] and cfg["versions"]["torch"]

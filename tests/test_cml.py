@@ -18,7 +18,7 @@ from networks import TwoSubnets, UNet, VNet, build_cml
 from test_cli import check_run_folder, py, run
 from test_losses import np_ce, np_dice, np_softmax
 from test_real_data import ACDC_ROOT, LA_ROOT, _run, needs_acdc, needs_la
-from test_resume import Interrupt, assert_same_training_state, interrupt_at, one_thread  # noqa: F401 (a fixture)
+from test_resume import Interrupt, assert_same_training_state, interrupt_at
 from utils.checkpoint import load_checkpoint
 from utils.cml import cml_lr, conflict_loss, cuboid_mask, pseudo_labels
 from utils.data import read_list

@@ -5,7 +5,6 @@ so every stream (p_l, p_wn, p_ww, p_ws, p_s1, p_s2, p_sw, p_ss and the partners'
 and the losses the script computes can be recomputed by hand: Algorithm 1's total for the paper preset and the
 release's total, each written in its own form."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest

@@ -85,15 +85,6 @@ def logged_scalars(run_dir):
     return out
 
 
-@pytest.fixture
-def one_thread():
-    """The in-process runs compute with one intra-op thread, like the subprocesses (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def child_env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

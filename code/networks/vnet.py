@@ -6,7 +6,6 @@ output convolution when ``has_dropout``. ``forward(x, n_pert=n)`` is CrossMatch'
 (networks/feature_perturbation.py); it decodes without the output dropout, as the release does, unless
 ``pert_out_dropout``. ``upsampling="trilinear"`` joins the decoder stages by trilinear upsampling + a 3x3x3
 convolution instead (CML's second subnet: 10,275,746 parameters)."""
-import torch
 from torch import nn
 
 from .feature_perturbation import FeaturePerturbation

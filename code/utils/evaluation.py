@@ -23,9 +23,9 @@ from scipy import ndimage
 from networks import build_cml, build_model
 from utils import resolve
 from utils.checkpoint import CheckpointError, load_checkpoint, load_weights
-from utils.data import DataError, case_path, find_list, read_list
+from utils.data import DataError, case_path, find_list, load_case, read_list
 from utils.flags import ArgumentParser
-from utils.metrics import EMPTY_DISTANCE_OPTIONS, METRICS
+from utils.metrics import EMPTY_DISTANCE_OPTIONS, METRICS, multiclass_metrics
 from utils.training import pick_device
 
 
@@ -172,6 +172,28 @@ def predict_slices(model, image, patch_size=(256, 256), device="cpu", batch_slic
             with torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out[i:i + batch_slices] = model(x).float().argmax(1).to(torch.uint8).cpu().numpy()
     return np.stack([ndimage.zoom(s, (h / ph, w / pw), order=0) for s in out])
+
+
+def acdc_validation(args, root: Path, device, rank: int):
+    """--val_every N on ACDC: a ``hook(done, model, writer, log)`` for ``train_loop`` that logs the mean Dice over
+    RV, Myo and LV on --val_list every N iterations (rank 0; logged only, never used to pick a checkpoint). The
+    list's volumes are read and checked now, not at the first validation (DataError names a bad one)."""
+    names = read_list(find_list(root, args.val_list)) if args.val_every and rank == 0 else []
+    for name in names:
+        load_case("acdc", root, name)
+
+    def hook(done, model, writer, log):
+        if not names or done % args.val_every:
+            return
+        dice = []
+        for name in names:
+            image, label = load_case("acdc", root, name)
+            pred = predict_slices(model, image, args.patch_size, device)
+            dice.append(np.mean([m["dice"] for m in multiclass_metrics(pred, label, (1, 2, 3)).values()]))
+        model.train()
+        writer.add_scalar("val/mean_dice", float(np.mean(dice)), done)
+        log.info(f"it {done}: mean Dice on {args.val_list} {np.mean(dice):.4f} (logged only)")
+    return hook
 
 
 def largest_connected_component(mask) -> np.ndarray:

@@ -92,7 +92,7 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
             done = it + 1
             log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
             if writer is not None and done % args.image_every == 0:
-                log_images(writer, shown, shown["pred"], done)
+                log_images(writer, shown, done)
             if hook is not None:
                 hook(done, model, writer, log)
             if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):

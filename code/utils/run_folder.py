@@ -245,12 +245,13 @@ def log_iteration(logs: dict, done: int, args, lr: float, writer, log) -> None:
         log.info(f"it {done}/{args.max_iterations} lr {lr:.2e} " + " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
 
-def log_images(writer, batch, pred, it) -> None:
-    """The first labeled sample's image, label and prediction (the middle slice of a volume) to tensorboard."""
+def log_images(writer, shown, it) -> None:
+    """The first labeled sample's image, label and prediction (``shown``: ``x_l``, ``y_l``, ``pred``; the middle
+    slice of a volume) to tensorboard."""
     def cut(t):
         t = t.float().cpu()
         return t[..., t.shape[-1] // 2] if t.dim() == 3 else t
-    img = cut(batch["x_l"][0, 0])
+    img, label, pred = cut(shown["x_l"][0, 0]), shown["y_l"], shown["pred"]
     writer.add_image("train/image", ((img - img.min()) / (img.max() - img.min() + 1e-8))[None].numpy(), it)
-    writer.add_image("train/label", cut(batch["y_l"][0])[None].numpy() / max(1, int(batch["y_l"].max())), it)
+    writer.add_image("train/label", cut(label[0])[None].numpy() / max(1, int(label.max())), it)
     writer.add_image("train/prediction", cut(pred[0].argmax(0))[None].numpy() / max(1, pred.shape[1] - 1), it)
