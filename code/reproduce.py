@@ -13,8 +13,8 @@ TABLE is table1, table2, table4, table5, fig5 or all. Each (row, seed) trains in
 the training script from --exp <table>_<row>_<preset>_s<seed> (rows with identical training settings share one
 run). A finished run is skipped, an interrupted one resumed (--resume), and the final checkpoint is evaluated
 by the test script. Tables go to <out>/<table>.md and .csv, plots to <out>/<table>/. The parts are in
-code/reproduction/: rows.py (the rows, as data), runs.py, local.py and slurm.py (the launchers), aggregate.py,
-plots.py, readme.py.
+code/reproduction/: rows.py (the rows, as data), runs.py, local.py and slurm.py (the launchers), progress.py,
+aggregate.py, plots.py, readme.py.
 """
 import argparse
 import os

@@ -331,3 +331,19 @@ def test_slurm_flags_refused_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--demo", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_a_job_requeued_more_than_the_limit_does_not_run_again(syn_la, tmp_path, monkeypatch):
+    """The job function (what a Slurm job runs) refuses a start after more than --slurm_requeues requeues
+    (SLURM_RESTART_COUNT), with a line in the run's log that reproduce.py shows; nothing is trained."""
+    from reproduction.slurm import RunJob
+    args = reproduce.parse_args([*map(str, ["--demo", "--seeds", 1, "--la_root", syn_la, "--runs_dir", tmp_path])])
+    run = plan(args, ["demo"])[0][0]
+    run.run_dir.mkdir(parents=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "4")
+    with pytest.raises(RuntimeError, match="requeued 4 times, more than --slurm_requeues 3: not run again"):
+        RunJob(run, 3, 90)()
+    log = (run.run_dir / "reproduce_output.log").read_text()
+    assert "(Slurm job 41 on" in log and "start 5): requeued 4 times" in log
+    assert sorted(p.name for p in run.run_dir.iterdir()) == ["reproduce_output.log"]

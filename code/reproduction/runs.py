@@ -256,10 +256,18 @@ def execute(run, env, where: str, started=lambda proc: None) -> tuple:
         history.append({"state": state, "commands": [shell(c) for c in cmds], "where": where,
                         "cuda_visible_devices": gpu, "device_name": device_name(gpu),
                         "seconds": round(run.duration, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-        record.write_text(json.dumps(history, indent=2) + "\n")
+        write_json(record, history)
         return 0, None
     except OSError as e:  # this run fails, the others go on
         return 1, [f"(reproduce.py: {e})"]
+
+
+def write_json(path: Path, value) -> None:
+    """``value`` as JSON at ``path``, through a temporary file renamed into place (a job stopped mid-write by its
+    signal leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def log_tail(run, n=15) -> str:

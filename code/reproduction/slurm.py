@@ -31,7 +31,7 @@ from submitit.slurm.slurm import _get_default_parameters, _make_sbatch_string
 from utils import REPO_ROOT, resolve
 from utils.signals import STOP_SIGNALS, signal_name
 from reproduction.progress import Progress
-from reproduction.runs import CODE, LOG, STATE_WORDS, child_env, execute, shell
+from reproduction.runs import CODE, LOG, STATE_WORDS, child_env, execute, shell, write_json
 
 SECONDS_PER_ITERATION = 0.21 * 1.5  # a planning estimate: the paper's Table III (210 ms a CrossMatch LA iteration
 EVAL_MINUTES = 15                   # on its GPU) and half again; then start-up and the evaluations
@@ -143,10 +143,7 @@ def submit(runs, args) -> dict:
     for run, job in zip(runs, jobs):
         run.run_dir.mkdir(parents=True, exist_ok=True)
         logs = {"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
-        record = dict(job_id=job.job_id, submitted=time.strftime("%Y-%m-%d %H:%M:%S"), **logs)
-        tmp = run.run_dir / f".{JOB_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(run.run_dir / JOB_FILE)
+        write_json(run.run_dir / JOB_FILE, dict(job_id=job.job_id, submitted=time.strftime("%Y-%m-%d %H:%M:%S"), **logs))
         for suffix, target in (("out", logs["stdout"]), ("err", logs["stderr"])):
             link = run.run_dir / f"slurm-{job.job_id}.{suffix}"
             if not link.is_symlink():
