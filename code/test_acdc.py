@@ -9,10 +9,9 @@ class and the means; writes metrics.csv, summary.json and png/<volume>.png into 
 """
 import time
 
-from utils.checkpoint import CheckpointError
-from utils.data import DataError, load_case
-from utils.evaluation import (Table, case_note, eval_parser, predict_slices, prepare, protocol, report, save_nii,
-                              save_overlay_png)
+from utils.data import load_case
+from utils.evaluation import (Table, case_note, eval_parser, predict_slices, prepare, protocol, report, run_evaluation,
+                              save_nii, save_overlay_png)
 from utils.metrics import METRICS, multiclass_metrics, summarize_multiclass
 
 CLASS_NAMES = {1: "RV", 2: "Myo", 3: "LV"}
@@ -53,11 +52,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    try:
-        return evaluate(args)
-    except (CheckpointError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return run_evaluation(evaluate, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,9 @@ import time
 
 import numpy as np
 
-from utils.checkpoint import CheckpointError
-from utils.data import DataError, load_case
+from utils.data import load_case
 from utils.evaluation import (Table, case_note, eval_parser, largest_connected_component, prepare, protocol, report,
-                              save_nii, save_overlay_png, sliding_window)
+                              run_evaluation, save_nii, save_overlay_png, sliding_window)
 from utils.metrics import METRICS, binary_metrics, summarize
 
 
@@ -56,11 +55,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    try:
-        return evaluate(args)
-    except (CheckpointError, DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return run_evaluation(evaluate, parse_args(argv))
 
 
 if __name__ == "__main__":

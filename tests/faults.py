@@ -2,8 +2,9 @@
 pytest. Each case runs the real scripts on tiny synthetic ACDC data (CPU, one thread per process) and prints one
 line: the case, the seconds it took, what happened. Exit status 1 when a case fails.
 
-    python tests/faults.py                  # every case (about 2.5 minutes on 2 cores)
-    python tests/faults.py sigint stall     # some of them: two_runs, torchrun_killed, stall, sigint, disk_full, read_only
+    python tests/faults.py                  # every case (about 4.5 minutes on 2 cores)
+    python tests/faults.py sigint stall     # some of them: two_runs, torchrun_killed, stall, sigint, sigterm,
+                                            # sigterm_torchrun, disk_full, read_only
 
 disk_full and read_only mount a tmpfs: they need root (CAP_SYS_ADMIN) and are skipped, with the reason, without it.
 """
@@ -188,21 +189,63 @@ def stall(root, base):
     return f"{ours[0].replace(str(base), '<tmp>')}; torchrun exited {proc.returncode} {ended:.0f} s after the SIGSTOP"
 
 
+def stop_signal(root, base, signum, exp, torchrun=False, to="group"):
+    """``signum`` to the process group of a run (what Ctrl-C in a terminal, Slurm and systemd do: the loader workers
+    and the torchrun ranks get it too), or ``to="rank1"`` to torchrun's rank 1 alone: exit 128 + signum, one line
+    naming the signal and an iteration N that latest.pth holds, no process left, no temporary file; --resume then
+    finishes the run. Returns the line (base as <tmp>) and the seconds from the signal to the end."""
+    out = base / exp
+    run_dir = out / f"ACDC_{exp}_1_labeled"
+    workers = [] if torchrun else ["--num_workers", "2"]
+    proc = train(root, out, exp, *workers, "--save_every", "1000", iters=20, torchrun=torchrun,
+                 popen=dict(start_new_session=True))
+    family = []
+
+    def send(proc):
+        family.extend(p for c in children(proc.pid) for p in [c, *children(c)])
+        if to == "rank1":
+            os.kill(next(p for p in family if "train_acdc.py" in Path(f"/proc/{p}/cmdline").read_text()
+                         and rank_of(p) == 1), signum)
+        else:
+            os.killpg(proc.pid, signum)
+    wait_for(lambda: (run_dir / "log.txt").is_file() and " it 1/20 " in (run_dir / "log.txt").read_text(), 180,
+             "first iteration")
+    err, ended = signal_when_saved(proc, run_dir, 0, send)
+    ours = [line for line in errors(err) if line.startswith("error:") or not torchrun]  # torchrun's own traceback
+    name = "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+    check(len(ours) == 1 and ours[0].startswith(f"error: stopped by {name} after iteration "), err[-3000:])
+    done = int(ours[0].split("after iteration ")[1].split()[0])
+    check(ours[0].endswith(f"holds iteration {done}: resume with --resume") and saved_iteration(run_dir) == done,
+          f"{ours[0]}; latest.pth holds {saved_iteration(run_dir)}")
+    check(torchrun or proc.returncode == 128 + signum, f"exit {proc.returncode}")
+    check(len(family) >= 2 and not any(map(running, family)), f"processes left: {[p for p in family if running(p)]}")
+    check(not list(run_dir.glob("*.tmp")) and not (run_dir / "run.lock").exists(), "a temporary file or run.lock left")
+    res = run(train_cmd(root, out, exp, *workers, "--resume", iters=20, torchrun=torchrun), timeout=600)
+    check(res.returncode == 0 and (run_dir / "iter_20.pth").is_file(), res.stderr[-2000:])
+    return ours[0].replace(str(base), "<tmp>"), ended
+
+
 def sigint(root, base):
-    """SIGINT to the process group of a run with 2 loader workers (what Ctrl-C in a terminal does): exit 130, one
-    line, no traceback; --resume then finishes the run."""
-    out = base / "sigint"
-    run_dir = out / "ACDC_int_1_labeled"
-    proc = train(root, out, "int", "--num_workers", "2", iters=60, popen=dict(start_new_session=True))
-    err, ended = signal_when_saved(proc, run_dir, 2, lambda proc: os.killpg(proc.pid, signal.SIGINT))
-    check(proc.returncode == 130 and len(errors(err)) == 1, f"exit {proc.returncode}: {err[-3000:]}")
-    line = errors(err)[0]
-    check(line.startswith("error: interrupted (Ctrl-C) in iteration ") and line.endswith("resume with --resume"), line)
-    saved = saved_iteration(run_dir)
-    check(f"holds iteration {saved}:" in line and not list(run_dir.glob("*.tmp")), line)
-    res = run(train_cmd(root, out, "int", "--num_workers", "2", "--resume", iters=60), timeout=600)
-    check(res.returncode == 0 and (run_dir / "iter_60.pth").is_file(), res.stderr[-2000:])
-    return f"{line.replace(str(base), '<tmp>')} (exit 130, {ended:.1f} s after SIGINT); --resume finished the run"
+    """Ctrl-C in a terminal: SIGINT to the process group of a run with 2 loader workers."""
+    line, ended = stop_signal(root, base, signal.SIGINT, "int")
+    return f"{line} (exit 130, {ended:.1f} s after SIGINT; workers gone); --resume finished the run"
+
+
+def sigterm(root, base):
+    """SIGTERM to the process group of a run with 2 loader workers (Slurm, systemd)."""
+    line, ended = stop_signal(root, base, signal.SIGTERM, "term")
+    return f"{line} (exit 143, {ended:.1f} s after SIGTERM; workers gone); --resume finished the run"
+
+
+def sigterm_torchrun(root, base):
+    """SIGTERM to torchrun and its 2 ranks (Gloo; Slurm's scancel), then to rank 1 alone: both ranks stop at the
+    same iteration, rank 0 writes latest.pth and says so."""
+    lines = []
+    for to in ("group", "rank1"):
+        line, ended = stop_signal(root, base, signal.SIGTERM, f"ddp{to}", torchrun=True, to=to)
+        lines.append(f"to the {'process group' if to == 'group' else 'rank 1 alone'}: {line} (torchrun ended "
+                     f"{ended:.1f} s after SIGTERM; ranks gone)")
+    return "; ".join(lines) + "; --resume finished both runs"
 
 
 def mount_tmpfs(where: Path, size: str) -> None:
@@ -260,7 +303,7 @@ def read_only(root, base):
 
 
 CASES = {"two_runs": two_runs, "torchrun_killed": torchrun_killed, "stall": stall, "sigint": sigint,
-         "disk_full": disk_full, "read_only": read_only}
+         "sigterm": sigterm, "sigterm_torchrun": sigterm_torchrun, "disk_full": disk_full, "read_only": read_only}
 
 
 def main(names) -> int:

@@ -3,6 +3,8 @@ before any case is evaluated, the printed table, and the test_la.py / test_acdc.
 import csv
 import json
 import math
+import os
+import signal
 import time
 
 import nibabel as nib
@@ -434,3 +436,42 @@ def test_test_acdc_cli_errors(acdc_run, tmp_path):
              label=np.zeros((3, 24, 20), np.uint8))
     with pytest.raises(SystemExit, match=r"patient002_frame12.h5: image intensities in \[2, 2\], expected \[0, 1\]"):
         test_acdc.main(["--run", str(run), "--device", "cpu", "--no_png"])
+
+
+@pytest.mark.parametrize("during", ["inference", "png"])
+def test_a_stop_signal_ends_the_evaluation_with_one_line_and_nothing_half_written(acdc_run, capsys, monkeypatch,
+                                                                                   during):
+    """SIGTERM while the second volume is predicted, or while the first volume's png is written: one line, exit
+    143; the png of the first volume is whole (the write is finished first), no metrics.csv or summary.json. The
+    handlers are put back afterwards."""
+    from skimage import io
+    root, run, names = acdc_run
+    real_predict, real_save = evaluation.predict_slices, io.imsave
+    calls = []
+
+    def predict(*args, **kw):
+        calls.append("predict")
+        if during == "inference" and calls.count("predict") == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_predict(*args, **kw)
+
+    def imsave(path, *args, **kw):
+        if during == "png":
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler has run: the signal is held, not raised
+        calls.append("png")
+        return real_save(path, *args, **kw)
+    monkeypatch.setattr(test_acdc, "predict_slices", predict)
+    monkeypatch.setattr(io, "imsave", imsave)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        test_acdc.main(["--run", str(run), "--device", "cpu"])
+    assert e.value.code == 143
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: stopped by SIGTERM while evaluating on test.list: metrics.csv and summary.json not "
+                   "written; start the evaluation again"), err
+    out = run / "eval_test"
+    assert calls == ["predict", "png", "predict"] if during == "inference" else ["predict", "png"]
+    assert io.imread(out / "png" / f"{names[0]}.png").ndim == 3
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [f"{names[0]}.png"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -678,8 +678,8 @@ def test_ctrl_c_ends_with_one_line_and_the_run_resumes(acdc_root, acdc_reference
             train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
     assert e.value.code == 130
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
-    assert errors == [f"error: interrupted (Ctrl-C) in iteration 6 of {ACDC_ITERS}; {run_dir / 'latest.pth'} holds "
-                      f"iteration 5: resume with --resume"], errors
+    assert errors == [f"error: stopped by SIGINT (Ctrl-C) after iteration 5 of {ACDC_ITERS}; {run_dir / 'latest.pth'} "
+                      f"holds iteration 5: resume with --resume"], errors
     assert not (run_dir / "run.lock").exists() and not list(run_dir.glob("*.tmp"))
     print(f"\n{errors[0].replace(str(tmp_path), '<tmp>')} (exit 130)")
     trained = interrupt_at(train_acdc, monkeypatch)
@@ -711,3 +711,104 @@ def test_disk_full_while_writing_a_checkpoint(acdc_root, acdc_reference, tmp_pat
     assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["latest.pth"]
     train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
     assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+
+
+def signal_in(module, monkeypatch, at_iteration, signum=signal.SIGTERM, times=1):
+    """Make ``module.train_iteration`` send ``signum`` to this process (``times`` times) in iteration
+    ``at_iteration``, before it computes; returns the list of the iterations it trains."""
+    real, trained = module.train_iteration, []
+
+    def wrapped(model, optimizer, batch, it, args, device):
+        if it == at_iteration:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        trained.append(it)
+        return real(model, optimizer, batch, it, args, device)
+    monkeypatch.setattr(module, "train_iteration", wrapped)
+    return trained
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_finishes_the_iteration_writes_latest_and_the_run_resumes(acdc_root, acdc_reference, tmp_path,
+                                                                          monkeypatch, capsys, one_thread, workers):
+    """SIGTERM (twice: Slurm and torchrun may both send one) inside iteration 5 with --save_every 3: the iteration
+    finishes, latest.pth holds iteration 5 (not 3), the loader workers are gone, run.lock released, one line, exit
+    143; --resume trains 5..7 and ends equal to the uninterrupted run. The handlers are put back afterwards."""
+    exp = f"term{workers}"
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    workers_seen = []
+    real_stop = loop.stop_workers
+
+    def recording_stop(loader):
+        iterator = getattr(loader, "_iterator", None)
+        procs = list(getattr(iterator, "_workers", []))
+        real_stop(loader)
+        workers_seen.append([w.is_alive() for w in procs])
+    with monkeypatch.context() as m:
+        m.setattr(loop, "stop_workers", recording_stop)
+        trained = signal_in(train_acdc, m, 4, times=2)
+        with pytest.raises(SystemExit) as e:
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--save_every", "3", workers=workers))
+    assert e.value.code == 128 + signal.SIGTERM == 143
+    assert trained == [0, 1, 2, 3, 4]
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"error: stopped by SIGTERM after iteration 5 of {ACDC_ITERS}; {run_dir / 'latest.pth'} holds "
+                      f"iteration 5: resume with --resume"], errors
+    assert workers_seen == [[False] * workers]  # stopped, not left to the garbage collector
+    assert not (run_dir / "run.lock").exists() and not list(run_dir.glob("*.tmp"))
+    assert not (run_dir / f"iter_{ACDC_ITERS}.pth").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    print(f"\n{errors[0].replace(str(tmp_path), '<tmp>')} (exit 143)")
+    trained = interrupt_at(train_acdc, monkeypatch)
+    train_acdc.main(acdc_args(acdc_root, tmp_path, exp, "--resume"))
+    assert trained == [5, 6, 7]
+    assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_a_stop_signal_during_a_checkpoint_write(acdc_root, tmp_path, monkeypatch, capsys, one_thread, signals):
+    """Signals while latest.pth of iteration 3 is being written. SIGTERM (or one Ctrl-C) waits for the write: latest.pth
+    holds iteration 3 and training stops there. A second Ctrl-C stops at once: the write is abandoned, latest.pth
+    still holds iteration 2 and the line says so (not a wrong current iteration). Either way the file loads (CRC
+    checked) and no temporary file is left."""
+    exp = f"write{len(signals)}"
+    run_dir = tmp_path / f"ACDC_{exp}_1_labeled"
+    real, writes = os.fsync, []
+
+    def signalled_at_the_third(fd):
+        writes.append(fd)
+        if len(writes) == 3:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        real(fd)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", signalled_at_the_third)
+        with pytest.raises(SystemExit) as e:
+            train_acdc.main(acdc_args(acdc_root, tmp_path, exp))
+    name, held = ("SIGTERM", 3) if signals == [signal.SIGTERM] else ("SIGINT (Ctrl-C)", 2)
+    assert e.value.code == 128 + signals[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"error: stopped by {name} after iteration 3 of {ACDC_ITERS}; {run_dir / 'latest.pth'} holds "
+                      f"iteration {held}: resume with --resume"], errors
+    assert load_checkpoint(run_dir / "latest.pth")["iteration"] == held
+    assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["latest.pth"] and not (run_dir / "run.lock").exists()
+
+
+def test_a_stop_signal_before_the_loop_ends_the_run_at_once(acdc_root, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the training cases are read: the run stops there, with one line and exit 143; the run folder
+    it made is removed again (nothing was written into it)."""
+    real = loop.TrainSet
+
+    def reading(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+    monkeypatch.setattr(loop, "TrainSet", reading)
+    with pytest.raises(SystemExit) as e:
+        train_acdc.main(acdc_args(acdc_root, tmp_path, "early"))
+    run_dir = tmp_path / "ACDC_early_1_labeled"
+    assert e.value.code == 143
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"error: stopped by SIGTERM outside the training loop; no readable latest.pth in {run_dir}: "
+                      f"start again (--overwrite if the run folder exists)"], errors
+    assert not run_dir.exists()

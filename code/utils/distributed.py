@@ -46,13 +46,24 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def max_over_ranks(value: int) -> int:
+    """Collective under torchrun: the largest ``value`` of all ranks, on every rank (e.g. a stop signal's number)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def any_rank(flag: bool) -> bool:
     """Collective under torchrun: True on every rank when any rank says True (e.g. a non-finite loss)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return max_over_ranks(int(flag)) > 0
+
+
+def barrier() -> None:
+    """Under torchrun: wait until every rank is here."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def cleanup() -> None:

@@ -26,6 +26,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, load_weights
 from utils.data import DataError, case_path, find_list, load_case, read_list
 from utils.flags import ArgumentParser
 from utils.metrics import EMPTY_DISTANCE_OPTIONS, METRICS, multiclass_metrics
+from utils.signals import Stopped, as_stopped, stop_signals_handled, stop_signals_held
 from utils.training import pick_device
 
 
@@ -48,6 +49,22 @@ def eval_parser(description: str, n_dims: int) -> ArgumentParser:
     p.add_argument("--save_nii", action="store_true", help="write predictions/<case>_{img,gt,pred}.nii.gz")
     p.add_argument("--no_png", dest="png", action="store_false", help="no png/<case>.png overlays")
     return p
+
+
+def run_evaluation(evaluate, args) -> dict:
+    """``evaluate(args)`` (a test script's work) ending with one line: a bad checkpoint, case or output folder
+    (exit 1); a stop signal or Ctrl-C (exit 128 + the signal number), a result file being written whole first and
+    metrics.csv, summary.json not written at all."""
+    try:
+        with stop_signals_handled():
+            return evaluate(args)
+    except (CheckpointError, DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except (Stopped, KeyboardInterrupt) as e:
+        e = as_stopped(e)
+        print(f"error: stopped by {e} while evaluating on {args.list}: metrics.csv and summary.json not written; "
+              f"start the evaluation again", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
 
 
 def final_checkpoint(run_dir: Path) -> Path:
@@ -257,6 +274,7 @@ def report(table: Table, out_dir: Path, rows: list, columns: list, summary: dict
     return summary
 
 
+@stop_signals_held(then_stop=False)  # a stop signal now comes too late: the evaluation is complete
 def write_results(out_dir: Path, rows: list, columns: list, summary: dict) -> tuple:
     """``metrics.csv`` (a row per case, or per case and class) and ``summary.json`` (NaN as null)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +287,7 @@ def write_results(out_dir: Path, rows: list, columns: list, summary: dict) -> tu
     return csv_path, json_path
 
 
+@stop_signals_held()  # written whole, then a stop signal stops
 def save_nii(folder: Path, case: str, image, label, pred) -> None:
     """``<case>_img.nii.gz``, ``<case>_gt.nii.gz``, ``<case>_pred.nii.gz`` with an identity affine (voxel units)."""
     import nibabel as nib
@@ -277,6 +296,7 @@ def save_nii(folder: Path, case: str, image, label, pred) -> None:
         nib.save(nib.Nifti1Image(np.asarray(array).astype(dtype), np.eye(4)), folder / f"{case}_{suffix}.nii.gz")
 
 
+@stop_signals_held()  # written whole, then a stop signal stops
 def save_overlay_png(path: Path, image, label, pred, axis: int, n_slices: int = 3) -> None:
     """``n_slices`` slices along ``axis`` side by side: the image in gray (1st-99th percentile), label outlines
     green, prediction outlines red, yellow where they meet; the slices spread over where label or prediction is."""

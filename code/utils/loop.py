@@ -12,9 +12,10 @@ from tqdm import tqdm
 from utils import resolve
 from utils.checkpoint import finish_done_run, load_resume, save_training_state
 from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
-from utils.distributed import cleanup
+from utils.distributed import barrier, cleanup, max_over_ranks
 from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
                               run_dir_of, stop_training)
+from utils.signals import Stopped, stop_requested, stop_signals_held, worker_ignores_stop_signals
 from utils.sampler import TwoStreamBatchSampler, collate_two_stream
 from utils.training import build_for_training, setup, wrap_model
 
@@ -71,7 +72,8 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
     sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), labeled_bs, unlabeled_bs,
                                     args.seed, args.max_iterations, start, rank, world, partner_bs)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+                        worker_init_fn=worker_ignores_stop_signals)
     writer = None
     if rank == 0:
         config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts)
@@ -85,29 +87,51 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
 
     model.train()
     bar = tqdm(total=args.max_iterations, initial=start, disable=rank != 0, dynamic_ncols=True, desc="train")
-    t0, done = time.time(), start
-    try:
-        for it, batch in enumerate(loader, start=start):
-            logs, shown = train_iteration(train_model, optimizer, batch, it, args, device)
-            done = it + 1
-            log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
-            if writer is not None and done % args.image_every == 0:
-                log_images(writer, shown, done)
-            if hook is not None:
-                hook(done, model, writer, log)
-            if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
-                save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
-                writer.flush()
-            bar.update(1)
-    except BaseException as e:  # the bar ends its line; Ctrl-C and a failed collective end with one line
+    t0, done, saved, stop = time.time(), start, start, 0
+    with stop_signals_held(then_stop=False):  # a stop signal (SIGTERM, Ctrl-C) ends training between iterations
+        try:
+            for it, batch in enumerate(loader, start=start):
+                stop = max_over_ranks(stop_requested())  # every rank stops at the same iteration
+                if stop:
+                    break
+                logs, shown = train_iteration(train_model, optimizer, batch, it, args, device)
+                done = it + 1
+                log_iteration(logs, done, args, optimizer.param_groups[0]["lr"], writer, log)
+                if writer is not None and done % args.image_every == 0:
+                    log_images(writer, shown, done)
+                if hook is not None:
+                    hook(done, model, writer, log)
+                if rank == 0 and (done % args.save_every == 0 or done == args.max_iterations):
+                    save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
+                    writer.flush()
+                    saved = done
+                bar.update(1)
+        except BaseException as e:  # the bar ends its line; a second Ctrl-C and a failed collective: one line
+            bar.close()
+            stop_workers(loader)
+            stop_training(e, run_dir, done, args.max_iterations)
         bar.close()
-        stop_training(e, run_dir, done, args.max_iterations)
-    bar.close()
-    if rank == 0:
-        final = run_dir / f"iter_{args.max_iterations}.pth"
-        save_training_state(final, model, optimizer, args.max_iterations, args, world, data)
-        writer.close()
-        log.info(f"done: {args.max_iterations - start} iterations in {time.time() - t0:.1f} s; final checkpoint "
-                 f"{final}")
+        if stop:  # latest.pth at the last finished iteration, then one line
+            stop_workers(loader)
+            if rank == 0:
+                if saved != done:
+                    save_training_state(run_dir / "latest.pth", model, optimizer, done, args, world, data)
+                writer.close()
+            barrier()  # no rank ends before latest.pth is written
+            stop_training(Stopped(stop), run_dir, done, args.max_iterations)
+        if rank == 0:  # a stop signal that came in the last iteration waits for this and is then forgotten
+            final = run_dir / f"iter_{args.max_iterations}.pth"
+            save_training_state(final, model, optimizer, args.max_iterations, args, world, data)
+            writer.close()
+            log.info(f"done: {args.max_iterations - start} iterations in {time.time() - t0:.1f} s; final checkpoint "
+                     f"{final}")
     cleanup()
     return run_dir
+
+
+def stop_workers(loader) -> None:
+    """End the loader's worker processes now, not when the loader is garbage-collected (they ignore stop signals:
+    utils/signals.py). ``_shutdown_workers`` is the step DataLoader itself takes when it is done with them."""
+    shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

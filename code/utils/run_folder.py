@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from utils import REPO_ROOT, resolve
 from utils.checkpoint import remove_temp_files
 from utils.distributed import any_rank, cleanup
+from utils.signals import Stopped, as_stopped, stop_signals_handled, stop_signals_held
 
 try:
     import fcntl
@@ -134,36 +135,41 @@ def make_run_dir(args) -> Path:
 
 
 def run_training(train, args):
-    """``train(args)`` (a training script's set-up, data and loop), then the run folder released (run.lock), however
-    it ends; Ctrl-C and a failed collective outside the training loop end with one line (stop_training)."""
+    """``train(args)`` (a training script's set-up, data and loop) with the stop signals handled (utils/signals.py),
+    then the run folder released (run.lock), however it ends; a stop signal, Ctrl-C and a failed collective outside
+    the training loop end with one line (stop_training)."""
     try:
-        return train(args)
-    except (KeyboardInterrupt, RuntimeError) as e:
+        with stop_signals_handled():
+            return train(args)
+    except (Stopped, KeyboardInterrupt, RuntimeError) as e:
         stop_training(e, run_dir_of(args))
     finally:
         release_run_dir()
 
 
 def stop_training(error: BaseException, run_dir: Path, done=None, total=None):
-    """End training after Ctrl-C (exit status 130) or a failed collective under torchrun (another process stalled
-    past --ddp_timeout or died; exit status 1) with one line on stderr: where training was, what latest.pth holds
-    and how to go on. Re-raises any other error."""
+    """End training after a stop signal or Ctrl-C (exit status 128 + the signal number: 143 for SIGTERM, 130 for
+    Ctrl-C) or a failed collective under torchrun (another process stalled past --ddp_timeout or died; exit status
+    1) with one line on stderr: where training was (``done`` of ``total`` iterations finished), what latest.pth
+    holds and how to go on. Re-raises any other error."""
     from utils.checkpoint import CheckpointError, load_checkpoint
     me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    error = as_stopped(error)
     lost = world > 1 and (isinstance(error, dist.DistError) or re.search(r"gloo|nccl|timed out|connection",
                                                                          str(error), re.IGNORECASE))
-    if not isinstance(error, KeyboardInterrupt) and not lost:
+    if not isinstance(error, Stopped) and not lost:
         raise error
-    where = f"in iteration {done + 1} of {total}" if done is not None else "outside the training loop"
     try:
         saved = load_checkpoint(run_dir / "latest.pth")["iteration"]
         then = f"{run_dir / 'latest.pth'} holds iteration {saved}: resume with --resume"
     except CheckpointError:
         then = f"no readable latest.pth in {run_dir}: start again (--overwrite if the run folder exists)"
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, Stopped):
+        where = f"after iteration {done} of {total}" if done is not None else "outside the training loop"
         if me == 0:
-            print(f"error: interrupted (Ctrl-C) {where}; {then}", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"error: stopped by {error} {where}; {then}", file=sys.stderr)
+        raise SystemExit(error.exit_code) from None
+    where = f"in iteration {done + 1} of {total}" if done is not None else "outside the training loop"
     what = re.sub(r"^\[[^]]*\]\s*", "", str(error).strip().splitlines()[0])
     raise SystemExit(f"error: rank {me} of {world}: a collective failed {where} ({what}): another process "
                      f"stalled longer than --ddp_timeout or died; {then}") from None
@@ -197,6 +203,7 @@ def config_of(args, **extra) -> dict:
     return {"args": {k: v for k, v in vars(args).items() if not k.startswith("print_")}, **extra}
 
 
+@stop_signals_held()  # written whole, then a stop signal stops
 def write_config(run_dir: Path, config: dict) -> None:
     config = {**config, "command": " ".join(sys.argv), "git_commit": git_commit(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
