@@ -157,7 +157,7 @@ class Watcher(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             queue = self.cluster.queue()
-            for job, state in queue.items():
+            for job, state in [*queue.items(), *((j, "not in the queue") for j in self.seen if j not in queue)]:
                 if self.seen.get(job) != state:
                     self.seen[job] = state
                     self.changes.append(f"{time.strftime('%H:%M:%S')} {job} {state.replace('|', ' ')}")
@@ -239,7 +239,8 @@ def requeued(cluster, base, root) -> str:
         r = subprocess.run(args, env=cluster.env, capture_output=True, text=True, timeout=900)
     seconds = time.time() - t0
     print("\n".join("  | " + l for l in r.stdout.splitlines()))
-    check(r.returncode == 0, f"reproduce.py --launcher slurm: exit {r.returncode}: {r.stderr[-2000:]}")
+    check(r.returncode == 0, f"reproduce.py --launcher slurm: exit {r.returncode}: {r.stderr[-2000:]}; squeue: "
+                             + "; ".join(watcher.changes))
     check(requeued_at, "the CrossMatch job was never seen running past iteration 15 (no scontrol requeue sent)")
     slurm_table, local_table = read_table(base / "slurm_out" / "demo.csv"), read_table(base / "local_out" / "demo.csv")
     check(slurm_table == local_table, f"the tables differ: slurm {slurm_table} local {local_table}")

@@ -191,15 +191,21 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
             report.say(f"submitted {len(fresh)} jobs (Slurm job {', '.join(sorted({i.split('_')[0] for i in ids.values()}))}"
                        f"), at most {args.jobs} at once; each run folder holds {JOB_FILE} and its job's logs "
                        "(slurm-<job>.out / .err)")
+        missing = set()  # jobs not in the queue at the last look: ended if still missing at this one
         while jobs:
             now = queue()
             for run, job in list(jobs.items()) if now is not None else []:
                 if job in now:
+                    missing.discard(job)
                     if now[job][0] == "RUNNING":
                         report.started.setdefault(run, time.time())
-                    continue
-                del jobs[run]
-                finished_job(report, run, job)
+                    else:  # back in the queue (requeued): not running now
+                        report.started.pop(run, None)
+                elif job in missing:  # twice: a requeue's moment out of the queue is not an end
+                    del jobs[run]
+                    finished_job(report, run, job)
+                else:
+                    missing.add(job)
             report.progress(sum(1 for j in jobs.values() if now and now.get(j, ("",))[0] == "PENDING"))
             if jobs:
                 time.sleep(args.slurm_poll)
@@ -216,9 +222,10 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
 def finished_job(report, run, job) -> None:
     """A job left the queue: the run folder says whether its run is finished."""
     state = run.state()
-    try:
-        run.duration = json.loads((run.run_dir / "reproduce.json").read_text())[-1]["seconds"]
-    except (OSError, ValueError, KeyError, IndexError):
+    try:  # the seconds of every start of this job
+        run.duration = sum(r["seconds"] for r in json.loads((run.run_dir / "reproduce.json").read_text())
+                           if r.get("where", "").startswith(f"Slurm job {job} "))
+    except (OSError, ValueError, KeyError, TypeError):
         run.duration = None
     if state == "finished":
         report.done_run(run)
