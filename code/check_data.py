@@ -4,9 +4,11 @@
     python code/check_data.py --task acdc --root_path data/ACDC --list train_slices.list val.list
 
 Without --list, every standard list present is checked (LA train.list, test.list; ACDC train_slices.list,
-val.list, test.list). ACDC slices are also compared with the volume they come from (slice k = volume[k - 1]).
+val.list, test.list). ACDC slices are also compared with the volume they come from (slice k = volume[k - 1]), as
+training does.
 Exit 0 and a summary per list, or exit 1 with one line naming the first bad file.
-What no check can see: data that is wrong but plausible (a zeroed image, a label shifted by a few voxels).
+What no check can see: data that is wrong but plausible (a zeroed half of a volume, a label shifted by a few
+voxels).
 """
 import sys
 import time
@@ -14,7 +16,7 @@ import time
 import numpy as np
 
 from utils import resolve
-from utils.data import DataError, find_list, load_case, read_list
+from utils.data import DataError, check_acdc_slice, find_list, load_case, read_list
 from utils.flags import ArgumentParser
 
 LISTS = {"la": ["train.list", "test.list"], "acdc": ["train_slices.list", "val.list", "test.list"]}
@@ -27,14 +29,8 @@ def check_list(task: str, root, list_name: str) -> dict:
     volumes = {}
     for name in names:
         image, label = load_case(task, root, name)
-        if "_slice_" in name:  # an ACDC slice must equal its volume's slice k - 1
-            volume, k = name.rsplit("_slice_", 1)
-            if volume not in volumes:
-                volumes = {volume: load_case(task, root, volume)}
-            v_image, v_label = volumes[volume]
-            k = int(k)
-            if not (1 <= k <= len(v_image) and np.array_equal(image, v_image[k - 1]) and np.array_equal(label, v_label[k - 1])):
-                raise DataError(f"slice {name} does not equal slice {k - 1} of volume {volume} (expected a copy)")
+        if "_slice_" in name:
+            check_acdc_slice(root, name, image, label, volumes)
         shapes.append(image.shape)
         lo, hi = min(lo, float(image.min())), max(hi, float(image.max()))
         counts = counts + np.bincount(label.ravel().astype(np.intp), minlength=2 if task == "la" else 4)

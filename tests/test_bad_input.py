@@ -106,6 +106,32 @@ def inf_image(root):
     rewrite(la_case(root), image=image, label=label)
 
 
+def huge_image(root):
+    image, label = read(la_case(root))
+    image[1, 2, 3] = 3e38  # finite, but not a z-scored intensity
+    rewrite(la_case(root), image=image, label=label)
+
+
+def constant_image(root):
+    image, label = read(la_case(root))
+    rewrite(la_case(root), image=np.full_like(image, 0.25), label=label)
+
+
+def list_a_folder(root):
+    (root / "folder.list").mkdir()
+
+
+def acdc_constant_slice(root):
+    image, label = read(acdc_slice(root))
+    rewrite(acdc_slice(root), image=np.zeros_like(image), label=label)
+
+
+def acdc_shifted_slice(root):
+    """Slice 9 of its volume holds slice 10 (renumbered off by one): a valid slice, only the volume shows it."""
+    image, label = read(acdc_slice(root, 41))
+    rewrite(acdc_slice(root), image=image, label=label)
+
+
 def not_h5(root):
     la_case(root).write_bytes(os.urandom(512))
 
@@ -172,6 +198,11 @@ class Opaque:  # an arbitrary Python object
     pass
 
 
+class RunsCode:  # what a malicious checkpoint holds: unpickling it calls os.system (here with "true")
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
 # ------------------------------------------------------------------------------------------------ cases
 LA = "train_la.py"
 ACDC = "train_acdc.py"
@@ -187,6 +218,8 @@ CASES = [
     Case("missing root", LA, ["--root_path", "{tmp}/nowhere"], None, 1, ["data root", "nowhere", "no such folder"]),
     Case("missing list", LA, ["--train_list", "nope.list"], None, 1, ["list nope.list", "LA/nope.list", "exists"]),
     Case("empty list", LA, [], empty_list, 1, ["train.list", "empty (expected one entry per line)"]),
+    Case("list a folder", LA, ["--train_list", "folder.list"], list_a_folder, 1,
+         ["list folder.list", "LA/folder.list is a folder, expected a list file"]),
     Case("list with a repeated entry", LA, [], repeated_entry, 1,
          ["train.list", "'synla_001' appears more than once"]),
     Case("missing case file", LA, [], drop_case, 1, ["case file not found", CASE_FILE], True),
@@ -197,6 +230,11 @@ CASES = [
     Case("label values outside the classes", LA, [], label_2, 1, [CASE_FILE, "label values [2]", "0..1"], True),
     Case("NaN intensity", LA, [], nan_image, 1, [CASE_FILE, "1 non-finite values"], True),
     Case("infinite intensity", LA, [], inf_image, 1, [CASE_FILE, "1 non-finite values"], True),
+    Case("intensity 3e38", LA, [], huge_image, 1,
+         [CASE_FILE, "image intensities in [", ", 3e+38], expected z-scored values within +-100 (the 100 published "
+                     "LA images lie within [-1.02, 17.11])"], True),
+    Case("image of one value", LA, [], constant_image, 1,
+         [CASE_FILE, "image of one value (0.25) everywhere, expected intensities that vary"], True),
     Case("--labelnum larger than the list", LA, ["--labelnum", "10"], None, 1,
          ["--labelnum 10", "larger than the 4 cases", "train.list"]),
     Case("--labelnum equal to the list, CrossMatch", LA, ["--labelnum", "4"], None, 1,
@@ -238,7 +276,12 @@ CASES = [
          ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (a torch zip archive that is truncated"]),
     Case("--resume, latest.pth a pickled object", LA, ["--resume"],
          on_runs(lambda out: latest_with(out, "LA", {"model": Opaque()})), 1,
-         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read", "Unsupported global"]),
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (it holds Python objects a weights-only load "
+                                                      "refuses, such as test_bad_input.Opaque)"]),
+    Case("--resume, latest.pth a malicious pickle (os.system)", LA, ["--resume"],
+         on_runs(lambda out: latest_with(out, "LA", {"model": RunsCode()})), 1,
+         ["--resume", "LA_bad_2_labeled/latest.pth", "cannot be read (it holds Python objects a weights-only load "
+                                                      "refuses, such as posix.system)"]),
     Case("--resume, latest.pth of another network", LA, ["--resume"],
          on_runs(lambda out: latest_with(out, "LA", {"model": {"w": torch.zeros(2)}, "optimizer": {}, "iteration": 1,
                                                      "args": {}})), 1,
@@ -264,6 +307,11 @@ CASES = [
          ["data/slices/patient002_frame01_slice_9.h5", "label values [7]", "0..3"], True),
     Case("ACDC NaN intensity", ACDC, [], acdc_nan, 1, ["_slice_9.h5", "1 non-finite values"], True),
     Case("ACDC intensity above 1", ACDC, [], acdc_above_one, 1, ["_slice_9.h5", "[0, 3.5]", "expected [0, 1]"], True),
+    Case("ACDC slice of one value", ACDC, [], acdc_constant_slice, 1,
+         ["_slice_9.h5: image of one value (0) everywhere, expected intensities that vary"], True),
+    Case("ACDC slice that is not its volume's (renumbered)", ACDC, [], acdc_shifted_slice, 1,
+         ["slice patient002_frame01_slice_9 (", "data/slices/patient002_frame01_slice_9.h5) does not equal slice 8 "
+          "of volume patient002_frame01 (", "data/patient002_frame01.h5), expected a copy of it"], True),
     Case("ACDC --val_every with a missing val list", ACDC, ["--val_every", "5", "--val_list", "nope.list"], None, 1,
          ["list nope.list", "exists"]),
     Case("ACDC --val_every, a val volume missing", ACDC, ["--val_every", "5"], acdc_val_volume_missing, 1,
@@ -483,6 +531,28 @@ def test_evaluation_cli_refuses_a_bad_case_with_one_line(masters, tmp_path, task
     msg = e.value.code
     assert isinstance(msg, str) and "\n" not in msg and msg.startswith("error: list ") and str(bad) in msg, msg
     assert "1 case files missing" in msg
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (huge_image, ", 3e+38], expected z-scored values within +-100 (the 100 published LA images lie within "),
+    (constant_image, "image of one value (0.25) everywhere, expected intensities that vary"),
+])
+def test_implausible_intensities_are_refused_by_check_data_and_evaluation(masters, tmp_path, capsys, mutate,
+                                                                          expected):
+    """The same check as training's (test_bad_input_is_refused_with_one_message), on the arrays each one reads
+    anyway: check_data.py and test_la.py end with the same line naming the file, and no results are written."""
+    import check_data
+    root = shutil.copytree(masters[0], tmp_path / "LA")
+    mutate(root)
+    ckpt = good_checkpoint(tmp_path / "iter_1.pth", "la", (16, 16, 16))
+    assert check_data.main(["--task", "la", "--root_path", str(root)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {la_case(root)}: ") and expected in line and "\n" not in line, line
+    with pytest.raises(SystemExit) as e, redirect_stdout(StringIO()):
+        test_la.main(["--ckpt", str(ckpt), "--root_path", str(root), "--list", "train.list", "--device", "cpu",
+                      "--out", str(tmp_path / "out"), "--no_png"])
+    assert e.value.code == line
+    assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
 def test_read_only_out_dir_and_run_folder(masters, tmp_path):

@@ -196,10 +196,17 @@ def test_a_damaged_gzip_chunk_is_named_in_training_and_by_check_data(syn_la, tmp
 
 def test_check_case_accepts_what_the_lineage_stores():
     image, label = np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np.uint8)
+    image[0, 0, 0] = 1.0
     check_case("x.h5", image, label, 3, 2)
     check_case("x.h5", image.astype(np.float64) - 3.0, label.astype(np.int64) + 1, 3, 2)  # z-scored, int64 labels
-    check_case("x.h5", image[0] + 1.0, label[0] + 3, 2, 4, unit_range=True)  # intensity 1.0 and label 3 are valid
-    expect(r"intensities in \[1.1, 1.1\], expected \[0, 1\]", check_case, "x.h5", image[0] + 1.1, label[0], 2, 4,
+    check_case("x.h5", image * 100 - 100, label, 3, 2)  # the LA bound, +-100, is allowed
+    check_case("x.h5", image[0], label[0] + 3, 2, 4, unit_range=True)  # intensity 1.0 and label 3 are valid
+    expect(r"intensities in \[0, 1.1\], expected \[0, 1\]", check_case, "x.h5", image[0] * 1.1, label[0], 2, 4,
+           unit_range=True)
+    expect(r"intensities in \[-100.1, -?0\], expected z-scored values within \+-100", check_case, "x.h5",
+           image * -100.1, label, 3, 2)
+    expect(r"image of one value \(0\) everywhere", check_case, "x.h5", image * 0, label, 3, 2)
+    expect(r"image of one value \(0.5\) everywhere", check_case, "x.h5", image[0] * 0 + 0.5, label[0], 2, 4,
            unit_range=True)
 
 
@@ -460,18 +467,21 @@ def test_check_data_compares_acdc_slices_with_their_volume(syn_acdc, tmp_path, c
     image, label = arrays(case_path("acdc", acdc, "patient002_frame01_slice_4"))
     write_h5(case_path("acdc", acdc, "patient002_frame01_slice_3"), image=image, label=label)
     err = check_data_error(capsys, ["--task", "acdc", "--root_path", str(acdc)])
-    assert "patient002_frame01_slice_3 does not equal slice" in err and "patient002_frame01" in err
+    slice_3, volume = case_path("acdc", acdc, "patient002_frame01_slice_3"), case_path("acdc", acdc, "patient002_frame01")
+    assert err == (f"error: slice patient002_frame01_slice_3 ({slice_3}) does not equal slice 2 of volume "
+                   f"patient002_frame01 ({volume}), expected a copy of it"), err
     # a slice number past the end of its volume
     write_h5(case_path("acdc", acdc, "patient001_frame01_slice_7"), image=image, label=label)
     (tmp_path / "past.list").write_text("patient001_frame01_slice_7\n")
     err = check_data_error(capsys, ["--task", "acdc", "--root_path", str(acdc), "--list", str(tmp_path / "past.list")])
-    assert "patient001_frame01_slice_7" in err
+    assert "patient001_frame01_slice_7" in err and "has 6 slices, expected a slice number 1..6" in err, err
     # a slice whose volume is missing
     case_path("acdc", acdc, "patient003_frame02").unlink()
     (tmp_path / "orphan.list").write_text("patient003_frame02_slice_1\n")
     err = check_data_error(capsys, ["--task", "acdc", "--root_path", str(acdc), "--list",
                                     str(tmp_path / "orphan.list")])
     assert str(case_path("acdc", acdc, "patient003_frame02")) in err and "case file not found" in err
+    assert err.endswith("(the volume of slice patient003_frame02_slice_1, which is compared with it)"), err
 
 
 def test_check_data_process_exit_code(tmp_path):

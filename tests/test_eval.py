@@ -432,9 +432,10 @@ def test_test_acdc_cli_errors(acdc_run, tmp_path):
     (root / "bad.list").write_text("patient009_frame01\n")
     with pytest.raises(SystemExit, match="patient009_frame01.h5"):
         test_acdc.main(["--run", str(run), "--list", "bad.list", "--device", "cpu", "--no_png"])
-    write_h5(case_path("acdc", root, "patient002_frame12"), image=np.full((3, 24, 20), 2.0),
-             label=np.zeros((3, 24, 20), np.uint8))
-    with pytest.raises(SystemExit, match=r"patient002_frame12.h5: image intensities in \[2, 2\], expected \[0, 1\]"):
+    image = np.full((3, 24, 20), 2.0)
+    image[0, 0, 0] = 1.5
+    write_h5(case_path("acdc", root, "patient002_frame12"), image=image, label=np.zeros((3, 24, 20), np.uint8))
+    with pytest.raises(SystemExit, match=r"patient002_frame12.h5: image intensities in \[1.5, 2\], expected \[0, 1\]"):
         test_acdc.main(["--run", str(run), "--device", "cpu", "--no_png"])
 
 

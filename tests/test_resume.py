@@ -812,3 +812,35 @@ def test_a_stop_signal_before_the_loop_ends_the_run_at_once(acdc_root, tmp_path,
     assert errors == [f"error: stopped by SIGTERM outside the training loop; no readable latest.pth in {run_dir}: "
                       f"start again (--overwrite if the run folder exists)"], errors
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_every_file_a_run_writes_honours_the_umask(acdc_root, tmp_path, monkeypatch, one_thread, umask):
+    """With umask 022 the run folder can be read by everyone, with 027 by the group (a cluster's shared file system):
+    checkpoints (written through a temporary file), run.lock, config.json, log.txt, the tensorboard events, and the
+    evaluation's files get 0666 less the umask, the folders 0777 less the umask."""
+    run_dir = tmp_path / "runs" / "ACDC_mode_1_labeled"
+    real, lock_modes = loop.save_training_state, []
+
+    def saving(path, *args):
+        lock_modes.append((run_dir / "run.lock").stat().st_mode & 0o777)
+        real(path, *args)
+    monkeypatch.setattr(loop, "save_training_state", saving)
+    before = os.umask(umask)
+    try:
+        train_acdc.main(acdc_args(acdc_root, tmp_path / "runs", "mode", iters=2))
+        test_acdc.main(["--run", str(run_dir), "--list", "val.list", "--device", "cpu", "--save_nii"])
+    finally:
+        os.umask(before)
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file())
+    names = {p.relative_to(run_dir).as_posix() for p in files}
+    assert {"latest.pth", "iter_2.pth", "config.json", "log.txt", "eval_val/metrics.csv",
+            "eval_val/summary.json"} <= names
+    assert any(n.startswith("events.out.tfevents.") for n in names) and any(n.endswith(".png") for n in names)
+    assert any(n.endswith("_pred.nii.gz") for n in names)
+    wrong = {p.relative_to(run_dir).as_posix(): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != 0o666 & ~umask}
+    assert not wrong, wrong
+    folders = [run_dir, *(p for p in run_dir.rglob("*") if p.is_dir())]
+    assert {p.stat().st_mode & 0o777 for p in folders} == {0o777 & ~umask}
+    assert lock_modes == [0o666 & ~umask] * 3

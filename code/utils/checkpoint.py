@@ -4,15 +4,16 @@ A training checkpoint holds ``model`` (state dict), ``optimizer`` (state dict), 
 iterations; the learning rate is a function of it), ``args`` (every flag), ``world_size`` and ``num_threads``.
 No RNG state is stored: every random draw of iteration ``it`` is seeded from ``(seed, it, rank)``.
 A write goes to a temporary file in the same folder, then ``os.replace`` (atomic on POSIX): a kill leaves the
-old file or the new one, never a truncated one. A load checks the CRC-32 the zip archive stores for each of its
-entries, so a file damaged on disk (one flipped bit) is refused. Every problem raises ``CheckpointError`` naming
-the file.
+old file or the new one, never a truncated one. Its mode is what the umask leaves of 0666, as for any file the run
+writes (with umask 027 the group can read the run folders on a shared file system). A load checks the CRC-32 the
+zip archive stores for each of its entries, so a file damaged on disk (one flipped bit) is refused. Every problem
+raises ``CheckpointError`` naming the file.
 """
 import errno
 import io
 import os
 import re
-import tempfile
+import secrets
 import warnings
 import zipfile
 from itertools import zip_longest
@@ -35,7 +36,8 @@ def save_checkpoint(state: dict, path) -> Path:
     torch.save(state, buffer)  # in memory first: a full disk then raises OSError(ENOSPC), not a torch zip error
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the mode the umask leaves, as open() gives
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
@@ -109,9 +111,9 @@ def _why_unreadable(path: Path, error: Exception) -> str:
     if path.stat().st_size == 0:
         return "empty file"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
-    found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+    found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", text, re.IGNORECASE)  # torch's two wordings
     if found:
-        return f"it holds Python objects a weights-only load refuses: {found.group(0)}"
+        return f"it holds Python objects a weights-only load refuses, such as {found.group(1)}"
     with open(path, "rb") as f:
         zip_archive = f.read(4) == b"PK\x03\x04"
     return (f"a torch zip archive that is truncated or corrupt, {path.stat().st_size} bytes" if zip_archive else

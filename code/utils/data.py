@@ -25,6 +25,11 @@ LA_CASE_DIR = "2018LA_Seg_Training Set"
 N_CLASSES = {"la": 2, "acdc": 4}
 # labeled ACDC patients -> labeled slices (the first M of train_slices.list)
 LABELED_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
+# LA images are z-scored per volume (UA-MT preprocessing: (image - mean) / std, then cropped around the atrium): the
+# 100 published images lie within [-1.017, 17.11] (docs/RELIABILITY.md, issue 22). A value beyond +-100, 100 standard
+# deviations from its volume's mean and six times the largest published one, is not a z-scored intensity (raw
+# scanner values, a wrong scale, 3e38).
+LA_BOUND = 100.0
 
 
 class DataError(Exception):
@@ -40,6 +45,9 @@ def find_list(root, name) -> Path:
     for candidate in (root / name, resolve(name)):
         if candidate.is_file():
             return candidate
+    folder = next((c for c in (root / name, resolve(name)) if c.is_dir()), None)
+    if folder is not None:
+        raise DataError(f"list {name}: {folder} is a folder, expected a list file (one case per line)")
     raise DataError(f"list {name}: neither {root / name} nor {resolve(name)} exists")
 
 
@@ -99,7 +107,9 @@ def write_h5(path, **arrays) -> None:
 
 
 def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool = False) -> None:
-    """The checks every case passes before it is trained on or scored (DataError naming the file)."""
+    """The checks every case passes before it is trained on or scored (DataError naming the file): shapes, dtypes,
+    finite intensities with some spread, within [0, 1] (``unit_range``, ACDC) or within +-LA_BOUND (z-scored, LA),
+    labels within the classes."""
     if image.ndim != ndim or image.shape != label.shape or min(image.shape) < 1:
         raise DataError(f"{path}: image {image.shape} and label {label.shape}, expected two equal {ndim}D shapes")
     if image.dtype.kind != "f" or label.dtype.kind not in "iu":
@@ -108,8 +118,14 @@ def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool =
     bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
     if bad:
         raise DataError(f"{path}: image has {bad} non-finite values (NaN/inf), expected finite intensities")
-    if unit_range and (image.min() < -1e-6 or image.max() > 1 + 1e-6):
-        raise DataError(f"{path}: image intensities in [{image.min():.4g}, {image.max():.4g}], expected [0, 1]")
+    lo, hi = float(image.min()), float(image.max())
+    if lo == hi:
+        raise DataError(f"{path}: image of one value ({lo:.4g}) everywhere, expected intensities that vary")
+    if unit_range and (lo < -1e-6 or hi > 1 + 1e-6):
+        raise DataError(f"{path}: image intensities in [{lo:.4g}, {hi:.4g}], expected [0, 1]")
+    if not unit_range and max(-lo, hi) > LA_BOUND:
+        raise DataError(f"{path}: image intensities in [{lo:.4g}, {hi:.4g}], expected z-scored values within "
+                        f"+-{LA_BOUND:g} (the 100 published LA images lie within [-1.02, 17.11])")
     if label.min() < 0 or label.max() >= n_classes:
         values = np.unique(label[(label < 0) | (label >= n_classes)])[:5].tolist()
         raise DataError(f"{path}: label values {values} outside the classes 0..{n_classes - 1}")
@@ -122,6 +138,27 @@ def load_case(task: str, root, name: str) -> tuple:
     ndim = 2 if "_slice_" in name else 3
     check_case(path, image, label, ndim, N_CLASSES[task], unit_range=task == "acdc")
     return image, label
+
+
+def check_acdc_slice(root, name: str, image, label, volumes: dict) -> None:
+    """An ACDC slice ``<volume>_slice_<k>`` must equal slice k - 1 of its volume, image and label (the SSL4MIS
+    preprocessing cut them from it). ``volumes`` keeps the last volume read: a list's slices come volume by volume,
+    so each volume is read once."""
+    volume, k = name.rsplit("_slice_", 1)
+    if volume not in volumes:
+        volumes.clear()
+        try:
+            volumes[volume] = load_case("acdc", root, volume)
+        except DataError as e:
+            raise DataError(f"{e} (the volume of slice {name}, which is compared with it)") from None
+    v_image, v_label = volumes[volume]
+    if not (k.isdigit() and 1 <= int(k) <= len(v_image)):
+        raise DataError(f"slice {name} ({case_path('acdc', root, name)}): volume {volume} has {len(v_image)} slices, "
+                        f"expected a slice number 1..{len(v_image)}")
+    k = int(k)
+    if not (np.array_equal(image, v_image[k - 1]) and np.array_equal(label, v_label[k - 1])):
+        raise DataError(f"slice {name} ({case_path('acdc', root, name)}) does not equal slice {k - 1} of volume "
+                        f"{volume} ({case_path('acdc', root, volume)}), expected a copy of it")
 
 
 def data_fingerprint(task: str, root, labeled: list, unlabeled: list) -> dict:
@@ -159,7 +196,8 @@ def acdc_labeled_slices(names: list, labelnum: int, list_name: str, need_unlabel
 
 # --------------------------------------------------------------------------------------- training set
 class TrainSet(Dataset):
-    """The training cases of a list, read and checked once, kept in memory.
+    """The training cases of a list, read and checked once, kept in memory; each ACDC slice is compared with its
+    volume (check_acdc_slice: every volume read once more).
 
     ``dataset[(index, aug_seed, kind)]`` is, for kind 'l' (a labeled index), ``dict(kind, index, image
     (1, *patch), label (*patch) int64)``, the weak view of image and label; for kind 'u' (unlabeled) or 'p'
@@ -175,8 +213,11 @@ class TrainSet(Dataset):
         self.uint8_unlabeled = uint8_unlabeled
         self.weak, self.strong = (weak_3d, strong_3d) if task == "la" else (weak_2d, strong_2d)
         self.images, self.labels = [], []
+        volumes = {}
         for i, name in enumerate(names):
             image, label = load_case(task, root, name)
+            if task == "acdc" and "_slice_" in name:
+                check_acdc_slice(root, name, image, label, volumes)
             self.images.append(np.ascontiguousarray(image, dtype=np.float32))
             self.labels.append(np.ascontiguousarray(label, dtype=np.uint8) if i < n_labeled else None)
 

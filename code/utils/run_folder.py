@@ -78,7 +78,7 @@ def hold_run_dir(run_dir: Path) -> None:
     path = run_dir / LOCK_NAME
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the mode the umask leaves, like every file of the run
     except OSError as e:
         raise SystemExit(f"error: --out_dir {run_dir.parent}: cannot write the run folder {run_dir.name} there "
                          f"({e.strerror})") from None
