@@ -39,7 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 1337 1338 1339; --demo 1337 1338)")
     p.add_argument("--preset", choices=["paper", "release"], default="paper", help="the training scripts' --preset")
     p.add_argument("--jobs", type=int, help="runs at once (default: one per --gpus entry, else 1; --demo: 2; an LA "
-                                          "run needs about 10 GiB of GPU memory, so several fit on one GPU)")
+                                          "run needs about 10 GiB of GPU memory, so several fit on one GPU; "
+                                          "--launcher slurm: the job array's throttle, default 256)")
     p.add_argument("--gpus", help="comma-separated GPU ids, given to the runs in turn as CUDA_VISIBLE_DEVICES")
     p.add_argument("--dry_run", action="store_true", help="print the commands and run folders, then exit")
     p.add_argument("--aggregate_only", action="store_true",
@@ -79,6 +80,8 @@ def parse_args(argv=None):
     if args.demo == (args.table is not None):
         p.error("give a TABLE or --demo (one of them)")
     args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    if args.launcher == "slurm":  # the array's throttle; default submitit's, 256: as many as the cluster gives
+        args.jobs = args.jobs or 256
     args.jobs = args.jobs or (min(2, os.cpu_count() or 1) if args.demo and not args.gpus else max(1, len(args.gpus)))
     if args.jobs < 1:
         p.error("--jobs must be at least 1")

@@ -147,8 +147,8 @@ class Cluster:
 
 class Watcher(threading.Thread):
     """Looks at the queue every half second: records each job's changes of state (the squeue lines shown in the
-    report), releases a requeued job held until its BeginTime (`scontrol update StartTime=now`), and calls
-    ``act(queue)`` on each look."""
+    report) and calls ``act(queue)`` on each look. A requeued job waits for its BeginTime, cred_expire (10 s) after
+    its end: releasing it at once (`scontrol update StartTime=now`) lost a job that submitit had requeued, twice."""
 
     def __init__(self, cluster, act=lambda queue: None):
         super().__init__(daemon=True)
@@ -161,8 +161,6 @@ class Watcher(threading.Thread):
                 if self.seen.get(job) != state:
                     self.seen[job] = state
                     self.changes.append(f"{time.strftime('%H:%M:%S')} {job} {state.replace('|', ' ')}")
-                if state == "PENDING|BeginTime":
-                    sh("scontrol", "update", f"JobId={job}", "StartTime=now", env=self.cluster.env, check=False)
             self.act(queue)
             time.sleep(0.5)
 
@@ -202,7 +200,10 @@ def logged_iteration(run_dir) -> int:
 
 # ----------------------------------------------------------------------------------------------- the cases
 def requeued(cluster, base, root) -> str:
-    iters = 120
+    # a one-minute limit, USR2 20 s before it: Slurm 22.05 looks every 30 s and signals at the first look within 50 s
+    # of the limit, 10 to 40 s after a start (never while the job's Python starts). 200 iterations: after the
+    # requeue at about 20, more training than one start allows even at 5 it/s, so the time limit stops it too
+    iters = 200
     demo = ["--demo", "--seeds", "1", "--la_root", root]
     flags = ["--", "--max_iterations", iters, *TINY]
     local = subprocess.run(reproduce(*demo, "--jobs", "2", "--runs_dir", base / "local", "--out",
@@ -227,11 +228,11 @@ def requeued(cluster, base, root) -> str:
             return
         since = running_since.setdefault(job, time.time())
         it = logged_iteration(run_dir)
-        if saved > since + 1 and 15 <= it <= iters - 30:
+        if saved > since + 1 and 15 <= it <= iters - 40:
             sh("scontrol", "requeue", job, env=cluster.env)
             requeued_at.append((job, it))
 
-    args = reproduce(*demo, *SLURM, "--slurm_time", 1, "--slurm_extra", "signal_delay_s=30", "--slurm_requeues", 10,
+    args = reproduce(*demo, *SLURM, "--slurm_time", 1, "--slurm_extra", "signal_delay_s=20", "--slurm_requeues", 10,
                      "--runs_dir", runs_dir, "--out", base / "slurm_out", *flags)
     print(shown(args))
     t0 = time.time()

@@ -319,6 +319,7 @@ def test_dry_run_with_the_slurm_launcher_prints_the_job_script(syn_la, tmp_path)
     assert not (tmp_path / "model").exists()
     r = run(*base, "--slurm_time", 45, "--slurm_gpus", 0, "--slurm_cpus", 6)
     assert "  #SBATCH --time=45" in r.stdout and "  #SBATCH --cpus-per-task=6" in r.stdout
+    assert "  #SBATCH --array=0-3%4" in r.stdout  # no --jobs: not throttled (submitit's 256)
     assert "gpus-per-node" not in r.stdout
 
 

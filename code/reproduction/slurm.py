@@ -8,7 +8,7 @@ that submitit requeues. The job id goes into the run folder (slurm_job.json, wit
 
 What this rests on (submitit 1.5.4's source, Slurm 22.05, both tried on tests/slurm.py's one-node cluster):
 - Slurm signals every process of the job: USR2 ``signal_delay_s`` before the time limit (submitit's ``--signal``;
-  Slurm sends it up to a minute early), SIGTERM on preemption, ``scontrol requeue`` and ``scancel``. The training
+  Slurm 22.05 looks every 30 s, so it comes up to 30 s early), SIGTERM on preemption, ``scontrol requeue`` and ``scancel``. The training
   scripts stop on either at the end of the iteration, with latest.pth written (utils/signals.STOP_SIGNALS).
   submitit's handler in the job's own process ignores SIGTERM; on USR2 it asks ``RunJob.checkpoint`` for the job
   to run next, requeues the job (``scontrol requeue``) and exits: checkpoint first waits for the training to stop.
@@ -72,7 +72,7 @@ class RunJob(submitit.helpers.Checkpointable):
         """submitit, on USR2 (the time limit is near): Slurm signalled the training too; wait for it to finish its
         iteration, write latest.pth and stop (without reaping it: the job's main thread waits on it), then the same
         job goes back in the queue and resumes from the run folder."""
-        deadline = time.time() + max(5, self.signal_delay_s - 15)
+        deadline = time.time() + max(10, self.signal_delay_s - 10)
         while self.child and time.time() < deadline:
             try:
                 if os.waitid(os.P_PID, self.child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
@@ -172,8 +172,8 @@ def queue():
 def run_slurm(runs, entries, args, out=sys.stdout) -> int:
     """Submit the runs not finished and not already queued, then wait for their jobs (polling squeue) and report
     each from its run folder; exit status 1 when one failed. Ctrl-C leaves the jobs running and says how to cancel."""
-    report = Progress(runs, entries, args.jobs, out)
-    todo = report.start(f"on Slurm, {args.jobs} at once")
+    report = Progress(runs, entries, min(args.jobs, len(runs)), out)
+    todo = report.start(f"on Slurm, at most {min(args.jobs, len(runs))} at once")
     jobs, now = {}, queue()
     if now is None:
         raise SystemExit("error: squeue failed: is this a Slurm login node? (--launcher slurm needs squeue and sbatch)")
@@ -189,9 +189,9 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
             ids = submit(fresh, args)
             jobs.update(ids)
             report.say(f"submitted {len(fresh)} jobs (Slurm job {', '.join(sorted({i.split('_')[0] for i in ids.values()}))}"
-                       f"), at most {args.jobs} at once; each run folder holds {JOB_FILE} and its job's logs "
+                       f"), at most {min(args.jobs, len(fresh))} at once; each run folder holds {JOB_FILE} and its job's logs "
                        "(slurm-<job>.out / .err)")
-        missing = set()  # jobs not in the queue at the last look: ended if still missing at this one
+        missing, first_start = set(), {}  # jobs not in the queue at the last look (ended if still missing now)
         while jobs:
             now = queue()
             for run, job in list(jobs.items()) if now is not None else []:
@@ -199,13 +199,15 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
                     missing.discard(job)
                     if now[job][0] == "RUNNING":
                         report.started.setdefault(run, time.time())
-                    else:  # back in the queue (requeued): not running now
-                        report.started.pop(run, None)
+                        first_start.setdefault(run, time.time())
+                        continue
                 elif job in missing:  # twice: a requeue's moment out of the queue is not an end
                     del jobs[run]
+                    run.duration = time.time() - first_start[run] if run in first_start else None
                     finished_job(report, run, job)
                 else:
                     missing.add(job)
+                report.started.pop(run, None)  # not running now (queued again, or ended)
             report.progress(sum(1 for j in jobs.values() if now and now.get(j, ("",))[0] == "PENDING"))
             if jobs:
                 time.sleep(args.slurm_poll)
@@ -220,13 +222,9 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
 
 
 def finished_job(report, run, job) -> None:
-    """A job left the queue: the run folder says whether its run is finished."""
+    """A job left the queue: the run folder says whether its run is finished (``run.duration``: the seconds since
+    the job was first seen running, requeues included)."""
     state = run.state()
-    try:  # the seconds of every start of this job
-        run.duration = sum(r["seconds"] for r in json.loads((run.run_dir / "reproduce.json").read_text())
-                           if r.get("where", "").startswith(f"Slurm job {job} "))
-    except (OSError, ValueError, KeyError, TypeError):
-        run.duration = None
     if state == "finished":
         report.done_run(run)
         return
