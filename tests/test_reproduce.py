@@ -348,3 +348,10 @@ def test_a_job_requeued_more_than_the_limit_does_not_run_again(syn_la, tmp_path,
     log = (run.run_dir / "reproduce_output.log").read_text()
     assert "(Slurm job 41 on" in log and "start 5): requeued 4 times" in log
     assert sorted(p.name for p in run.run_dir.iterdir()) == ["reproduce_output.log"]
+
+
+def test_a_bad_slurm_extra_value_is_one_line(syn_la, tmp_path):
+    r = run("--demo", "--seeds", 1, "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--dry_run", "--launcher",
+            "slurm", "--slurm_extra", "signal_delay_s=soon")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --slurm_extra signal_delay_s=soon: expected a whole number (submitit's signal_delay_s)"], r.stderr

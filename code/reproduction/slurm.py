@@ -110,6 +110,8 @@ def slurm_parameters(args, runs) -> dict:
     for key, value in args.slurm_extra:  # submitit's own parameters by their name, else sbatch --key=value
         if key in defaults and key != "additional_parameters":
             kind = type(defaults[key])
+            if kind is int and not value.lstrip("-").isdigit():
+                raise SystemExit(f"error: --slurm_extra {key}={value}: expected a whole number (submitit's {key})")
             params[key] = value.lower() in ("1", "true", "yes") if kind is bool else int(value) if kind is int else value
         else:
             params.setdefault("additional_parameters", {})[key] = value
@@ -137,8 +139,11 @@ def submit(runs, args) -> dict:
         raise SystemExit("error: --slurm_time: the runs' length is unknown (no data yet); give the minutes per job")
     executor = submitit.AutoExecutor(folder=jobs_folder(args), cluster="slurm", slurm_max_num_timeout=args.slurm_requeues)
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
-    with executor.batch():
-        jobs = [executor.submit(RunJob(run, args.slurm_requeues, params["signal_delay_s"])) for run in runs]
+    try:
+        with executor.batch():
+            jobs = [executor.submit(RunJob(run, args.slurm_requeues, params["signal_delay_s"])) for run in runs]
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
+        raise SystemExit(f"error: sbatch refused the job array of {len(runs)} runs: {str(e).strip().splitlines()[-1]}") from None
     ids = {}
     for run, job in zip(runs, jobs):
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +217,8 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
             if jobs:
                 time.sleep(args.slurm_poll)
     except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, int):
+            raise  # an error line (sbatch refused the array): nothing was submitted
         ids = sorted(jobs.values())
         report.say(f"stopped waiting; {len(ids)} Slurm jobs still queued or running: {' '.join(ids)}. They go on: "
                    f"the same command again waits for them (it submits nothing twice); `scancel {' '.join(ids)}` "
