@@ -255,8 +255,8 @@ def test_short_demo_end_to_end(syn_la, tmp_path):
 
 
 def test_a_stopped_run_is_resumed_and_finished_runs_are_skipped(syn_la, tmp_path):
-    """reproduce.py is stopped (SIGTERM) while the CrossMatch run trains: it stops its child, which leaves
-    latest.pth. The next call resumes that run (--resume) and skips the finished one (a run folder with its final
+    """reproduce.py is stopped (SIGTERM) while the CrossMatch run trains: it stops its child, which writes
+    latest.pth at its last iteration. The next call resumes that run (--resume) and skips the finished one (a run folder with its final
     checkpoint and summary), whose files stay untouched; then both are finished."""
     argv = [*map(str, ["--demo", "--seeds", 7, "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--out",
                        tmp_path / "results", "--", "--max_iterations", 8, "--save_every", 3, *TINY])]
@@ -288,7 +288,9 @@ def test_a_stopped_run_is_resumed_and_finished_runs_are_skipped(syn_la, tmp_path
     assert "2 runs: 1 finished, 1 to do" in r.stdout
     log = (cm.run_dir / "reproduce_output.log").read_text()
     assert re.search(r"\(resume, .*train_la\.py .*--resume\n", log)
-    assert re.search(r"iterations [36] -> 8", log)
+    # the child stopped at the end of its iteration, latest.pth written there (utils/signals.py), and resumed there
+    stopped = re.search(r"stopped by SIGTERM after iteration (\d) of 8; .*latest\.pth holds iteration \1", log)
+    assert stopped and re.search(rf"iterations {stopped.group(1)} -> 8", log), log[-3000:]
     assert [r.state() for r in runs] == ["finished", "finished"]
     assert {p: p.stat().st_mtime_ns for p in sup.run_dir.rglob("*")} == sup_files
     rows = read_rows(tmp_path / "results" / "demo.csv")
