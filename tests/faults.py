@@ -2,7 +2,7 @@
 pytest. Each case runs the real scripts on tiny synthetic ACDC data (CPU, one thread per process) and prints one
 line: the case, the seconds it took, what happened. Exit status 1 when a case fails.
 
-    python tests/faults.py                  # every case (about 4.5 minutes on 2 cores)
+    python tests/faults.py                  # every case (about 3.5 minutes on 2 cores)
     python tests/faults.py sigint stall     # some of them: two_runs, torchrun_killed, stall, sigint, sigterm,
                                             # sigterm_torchrun, disk_full, read_only
 

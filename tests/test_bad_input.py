@@ -536,7 +536,7 @@ def test_evaluation_cli_refuses_a_bad_case_with_one_line(masters, tmp_path, task
 @pytest.mark.parametrize("mutate, expected", [
     (huge_image, ", 3e+38], expected z-scored values within +-100 (the 100 published LA images lie within "),
     (constant_image, "image of one value (0.25) everywhere, expected intensities that vary"),
-])
+], ids=["3e38", "one_value"])
 def test_implausible_intensities_are_refused_by_check_data_and_evaluation(masters, tmp_path, capsys, mutate,
                                                                           expected):
     """The same check as training's (test_bad_input_is_refused_with_one_message), on the arrays each one reads

@@ -728,7 +728,7 @@ def signal_in(module, monkeypatch, at_iteration, signum=signal.SIGTERM, times=1)
     return trained
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 2], ids=["0_workers", "2_workers"])
 def test_sigterm_finishes_the_iteration_writes_latest_and_the_run_resumes(acdc_root, acdc_reference, tmp_path,
                                                                           monkeypatch, capsys, one_thread, workers):
     """SIGTERM (twice: Slurm and torchrun may both send one) inside iteration 5 with --save_every 3: the iteration
@@ -766,7 +766,8 @@ def test_sigterm_finishes_the_iteration_writes_latest_and_the_run_resumes(acdc_r
     assert_same_training_state(acdc_reference / f"iter_{ACDC_ITERS}.pth", run_dir / f"iter_{ACDC_ITERS}.pth")
 
 
-@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+                         ids=["sigterm", "second_ctrl_c"])
 def test_a_stop_signal_during_a_checkpoint_write(acdc_root, tmp_path, monkeypatch, capsys, one_thread, signals):
     """Signals while latest.pth of iteration 3 is being written. SIGTERM (or one Ctrl-C) waits for the write: latest.pth
     holds iteration 3 and training stops there. A second Ctrl-C stops at once: the write is abandoned, latest.pth

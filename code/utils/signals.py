@@ -6,8 +6,9 @@ the same way. In the training loop (``stop_signals_held``) the signal is remembe
 progress finishes (one whose batch is still loading is dropped), ``latest.pth`` is written at the last finished
 iteration, the loader workers are stopped and the script ends with one line and exit status 128 + the signal number
 (143 for SIGTERM, 130 for Ctrl-C); under torchrun every rank stops at the same iteration. Anywhere else (set-up,
-evaluation) the script stops at once (``Stopped``), a held write (a result file) being completed first. A second
-Ctrl-C stops at once everywhere; a repeated stop signal changes nothing (Slurm and torchrun may both send one).
+evaluation) the script stops at once (``Stopped``), a held write (a result file) being completed first. A Ctrl-C
+after a first signal stops at once everywhere; a repeated SIGTERM changes nothing (Slurm and torchrun may both
+send one).
 
 The handler is installed in each main process (``stop_signals_handled``). A data-loader worker ignores the signals
 (``worker_ignores_stop_signals``, its ``worker_init_fn``; before it runs, the inherited handler does nothing there):
