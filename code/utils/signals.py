@@ -7,8 +7,8 @@ progress finishes (one whose batch is still loading is dropped), ``latest.pth`` 
 iteration, the loader workers are stopped and the script ends with one line and exit status 128 + the signal number
 (143 for SIGTERM, 130 for Ctrl-C); under torchrun every rank stops at the same iteration. Anywhere else (set-up,
 evaluation) the script stops at once (``Stopped``), a held write (a result file) being completed first. A Ctrl-C
-after a first signal stops at once everywhere; a repeated SIGTERM changes nothing (Slurm and torchrun may both
-send one).
+after a first signal stops at once everywhere; a repeated stop signal changes nothing (Slurm and torchrun may both
+send SIGTERM; under submitit, Slurm's SIGUSR2 before the time limit is followed by the requeue's SIGTERM).
 
 The handler is installed in each main process (``stop_signals_handled``). A data-loader worker ignores the signals
 (``worker_ignores_stop_signals``, its ``worker_init_fn``; before it runs, the inherited handler does nothing there):
