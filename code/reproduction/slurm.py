@@ -8,8 +8,9 @@ that submitit requeues. The job id goes into the run folder (slurm_job.json, wit
 
 What this rests on (submitit 1.5.4's source, Slurm 22.05, both tried on tests/slurm.py's one-node cluster):
 - Slurm signals every process of the job: USR2 ``signal_delay_s`` before the time limit (submitit's ``--signal``;
-  Slurm 22.05 looks every 30 s, so it comes up to 30 s early), SIGTERM on preemption, ``scontrol requeue`` and ``scancel``. The training
-  scripts stop on either at the end of the iteration, with latest.pth written (utils/signals.STOP_SIGNALS).
+  Slurm 22.05 looks every 30 s, so it comes up to 30 s early), SIGTERM on preemption, ``scontrol requeue`` and
+  ``scancel``. The training scripts stop on either at the end of the iteration, with latest.pth written
+  (utils/signals.STOP_SIGNALS).
   submitit's handler in the job's own process ignores SIGTERM; on USR2 it asks ``RunJob.checkpoint`` for the job
   to run next, requeues the job (``scontrol requeue``) and exits: checkpoint first waits for the training to stop.
 - without accounting (``sacct``) submitit cannot tell a job's state, so the queue (``squeue``) tells what is queued
@@ -137,18 +138,21 @@ def submit(runs, args) -> dict:
     params = slurm_parameters(args, runs)
     if params["time"] is None:
         raise SystemExit("error: --slurm_time: the runs' length is unknown (no data yet); give the minutes per job")
-    executor = submitit.AutoExecutor(folder=jobs_folder(args), cluster="slurm", slurm_max_num_timeout=args.slurm_requeues)
+    executor = submitit.AutoExecutor(folder=jobs_folder(args), cluster="slurm",
+                                     slurm_max_num_timeout=args.slurm_requeues)
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
     try:
         with executor.batch():
             jobs = [executor.submit(RunJob(run, args.slurm_requeues, params["signal_delay_s"])) for run in runs]
     except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError, OSError) as e:
-        raise SystemExit(f"error: sbatch refused the job array of {len(runs)} runs: {str(e).strip().splitlines()[-1]}") from None
+        why = str(e).strip().splitlines()[-1]
+        raise SystemExit(f"error: sbatch refused the job array of {len(runs)} runs: {why}") from None
     ids = {}
     for run, job in zip(runs, jobs):
         run.run_dir.mkdir(parents=True, exist_ok=True)
         logs = {"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)}
-        write_json(run.run_dir / JOB_FILE, dict(job_id=job.job_id, submitted=time.strftime("%Y-%m-%d %H:%M:%S"), **logs))
+        write_json(run.run_dir / JOB_FILE,
+                   dict(job_id=job.job_id, submitted=time.strftime("%Y-%m-%d %H:%M:%S"), **logs))
         for suffix, target in (("out", logs["stdout"]), ("err", logs["stderr"])):
             link = run.run_dir / f"slurm-{job.job_id}.{suffix}"
             if not link.is_symlink():
@@ -193,9 +197,9 @@ def run_slurm(runs, entries, args, out=sys.stdout) -> int:
         if fresh:
             ids = submit(fresh, args)
             jobs.update(ids)
-            report.say(f"submitted {len(fresh)} jobs (Slurm job {', '.join(sorted({i.split('_')[0] for i in ids.values()}))}"
-                       f"), at most {min(args.jobs, len(fresh))} at once; each run folder holds {JOB_FILE} and its job's logs "
-                       "(slurm-<job>.out / .err)")
+            arrays = ", ".join(sorted({i.split("_")[0] for i in ids.values()}))
+            report.say(f"submitted {len(fresh)} jobs (Slurm job {arrays}), at most {min(args.jobs, len(fresh))} at "
+                       f"once; each run folder holds {JOB_FILE} and its job's logs (slurm-<job>.out / .err)")
         missing, first_start = set(), {}  # jobs not in the queue at the last look (ended if still missing now)
         while jobs:
             now = queue()
