@@ -37,7 +37,7 @@ import train_la_cml
 from networks import build_cml, build_model
 from utils.evaluation import sliding_window
 from utils.flags import ArgumentParser
-from utils.training import make_optimizer, pick_device
+from utils.training import make_optimizer, memory_format, pick_device
 
 METHODS = ("supervised", "crossmatch", "crossmatch_naive", "cml")
 
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--memory_format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                   help="as the training scripts' flag: auto = channels-last on a GPU")
     p.add_argument("--batch_size", type=int, help="default: the paper's (LA 4, ACDC 24; CML LA 8)")
     p.add_argument("--labeled_bs", type=int, help="default: half the batch")
     p.add_argument("--patch_size", type=int, nargs="+", help="default: the paper's (LA 112 112 80, ACDC 256 256)")
@@ -115,7 +117,8 @@ def bench_method(args, method: str, device) -> dict:
     else:
         script = train_la if args.task == "la" else train_acdc
         flags = ["--method", "supervised" if method == "supervised" else "crossmatch"]
-    flags += ["--device", str(device), "--amp", args.amp, "--max_iterations", str(args.warmup + args.iters + 1)]
+    flags += ["--device", str(device), "--amp", args.amp, "--memory_format", args.memory_format,
+              "--max_iterations", str(args.warmup + args.iters + 1)]
     for flag in ("batch_size", "labeled_bs", "patch_size"):
         if getattr(args, flag) is not None:
             flags += [f"--{flag}", *map(str, getattr(args, flag) if flag == "patch_size" else [getattr(args, flag)])]
@@ -131,7 +134,8 @@ def bench_method(args, method: str, device) -> dict:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     torch.manual_seed(0)
-    net = (build_cml(args.task) if method == "cml" else build_model(args.task)).to(device)
+    net = (build_cml(args.task) if method == "cml" else build_model(args.task))
+    net = net.to(device, memory_format=memory_format(device, len(shape), targs.memory_format))
     optimizer = make_optimizer(net, targs)
     model = Algorithm1AsPrinted(net) if method == "crossmatch_naive" else net
     model = torch.compile(model) if args.compile else model
@@ -177,8 +181,10 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    out = {"task": args.task, "device": name, "torch": torch.__version__, "amp": args.amp, "compile": args.compile}
-    print(f"{name}, torch {torch.__version__}, amp {args.amp}, compile {args.compile}")
+    out = {"task": args.task, "device": name, "torch": torch.__version__, "amp": args.amp, "compile": args.compile,
+           "memory_format": args.memory_format}
+    print(f"{name}, torch {torch.__version__}, amp {args.amp}, compile {args.compile}, memory_format "
+          f"{args.memory_format}")
     if args.eval:
         out["eval"] = bench_eval(args, device)
     else:

@@ -33,7 +33,7 @@ PRESETS = {
 # flags that may differ when a run is resumed (where the data is, how the run is watched and computed);
 # any other difference is refused, because it would change what is trained
 RESUME_MAY_DIFFER = {"root_path", "train_list", "val_list", "val_every", "device", "num_workers", "compile",
-                     "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
+                     "memory_format", "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
                      "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
 
 
@@ -96,6 +96,8 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPU)")
     a("--compile", action="store_true", help="torch.compile the network")
+    a("--memory_format", choices=["auto", "channels_last", "contiguous"], default="auto",
+      help="layout of weights and inputs: auto = channels-last on a GPU, the default layout elsewhere")
     a("--sync_bn", action="store_true", help="with torchrun on GPUs: batch-norm statistics over all processes")
     a("--ddp_timeout", type=int, default=600, help="with torchrun: seconds a process waits for the others in a "
                                                    "collective before the run stops with an error")
