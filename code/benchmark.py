@@ -188,7 +188,8 @@ def bench_eval(args, device) -> dict:
 
 def bench_loader(args, device) -> dict:
     """ms per batch of the training loader (the paper's batch, its CutMix partners and patch unless given), for
-    each --workers count: the time from the first batch to the last of --batches more, the network not run."""
+    each --workers count, the network not run: the time of --batches batches after the first round (the workers
+    start together, so their first batches arrive at once)."""
     script = train_la if args.task == "la" else train_acdc
     flags = [f for flag in ("batch_size", "labeled_bs", "patch_size") if getattr(args, flag) is not None
              for f in [f"--{flag}", *map(str, getattr(args, flag) if flag == "patch_size" else [getattr(args, flag)])]]
@@ -206,9 +207,10 @@ def bench_loader(args, device) -> dict:
     out = {}
     for workers in args.workers:
         sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(names)), targs.labeled_bs, U,
-                                        targs.seed, args.batches + 1, partner_bs=U)
+                                        targs.seed, max(workers, 1) + args.batches, partner_bs=U)
         batches = iter(make_loader(dataset, sampler, workers, device))
-        next(batches)  # the workers started
+        for _ in range(max(workers, 1)):
+            next(batches)
         t0 = time.perf_counter()
         for _ in range(args.batches):
             next(batches)
