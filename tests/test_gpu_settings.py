@@ -296,3 +296,10 @@ def test_compiled_command_line_with_validation_and_resume(task, dynamo, syn_la, 
     difference = max(abs(compiled[k][s][-1] - eager[k][s][-1]) for k in eager for s in eager[k])
     print(f"\ncompiled command line {task}: graphs {seen}; largest difference of a logged value {difference:.1e}")
     assert difference <= 5e-3
+
+
+def test_default_loader_workers_from_the_cores():
+    """--num_workers when not given: a third of the cores, at most the 5 that feed a GPU iteration, at least 1."""
+    from utils.flags import default_workers
+    assert [default_workers(n) for n in (1, 2, 3, 8, 16, 64)] == [1, 1, 1, 2, 5, 5]
+    assert iterations.parse("la", "paper").num_workers == default_workers()
