@@ -211,12 +211,13 @@ def bench_loader(args, device) -> dict:
         batches = iter(make_loader(dataset, sampler, workers, device))
         for _ in range(max(workers, 1)):
             next(batches)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.batches):
             next(batches)
         ms = 1000 * (time.perf_counter() - t0) / args.batches
         out[str(workers)] = ms
-        print(f"{args.task} loader, {workers} workers: {ms:.1f} ms per batch ({targs.labeled_bs} + {U} + {U} "
+        cpu = f", {1000 * (time.process_time() - c0) / args.batches:.1f} ms of CPU time" if workers == 0 else ""
+        print(f"{args.task} loader, {workers} workers: {ms:.1f} ms per batch{cpu} ({targs.labeled_bs} + {U} + {U} "
               f"partners, patch {'x'.join(map(str, targs.patch_size))})")
     return out
 
