@@ -5,7 +5,7 @@
 #   here, before call N:   bash tests/gpu_plan.sh prepare N    # .whl/ (medpy) and .carry/ (step N's tarball)
 #   call N on the device:  bash tests/gpu_plan.sh N            # with carry [".whl", ".carry"]
 #
-#   1  wheels, LA train part 1 unpacked, tests/test_cuda.py, benchmark.py (LA, compiled, fp32 and bf16)  ~3-4 min
+#   1  wheels, LA train part 1 unpacked, tests/test_cuda.py, benchmark.py (LA, compiled, fp32 and bf16)  ~4-6 min
 #   2  LA train part 2 unpacked, the loader on 16 cores, the LA-8 CrossMatch runs started under setsid     ~1 min
 #   3  LA test cases unpacked, wait for the runs, evaluate their final checkpoints, the Table I rows       the rest
 #
