@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import benchmark
+from networks.feature_perturbation import FeaturePerturbation
 from iterations import SHAPES, largest_difference, make_batch, make_net, parse, script_of, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,11 +31,13 @@ def exact_fp32():
 
 
 def without_dropout(net):
-    """The CPU and the GPU draw other dropout masks from the same seed: every rate 0 (the perturbations too,
-    through --drop_weak 0 --drop_strong 0), so that both compute the same function."""
+    """The CPU and the GPU draw other dropout masks from the same seed: every rate 0, the feature perturbations'
+    too (P_w and P_s then leave the features as they are), so that both compute the same function."""
     for m in net.modules():
         if isinstance(m, torch.nn.modules.dropout._DropoutNd):
             m.p = 0.0
+        if isinstance(m, FeaturePerturbation):
+            m.p_weak = m.p_strong = 0.0
     return net
 
 
@@ -54,10 +57,9 @@ def test_two_pass_iteration_on_the_gpu_equals_the_cpu(task, setting, exact_fp32)
     """CrossMatch (paper preset), three iterations at the tiny size: the GPU's logged terms against the CPU's in
     fp32 (the first iteration's within 1e-4 except bf16), the GPU's own layout and dtypes as asked."""
     extra, wrap, tolerance = SETTINGS[setting]
-    flags = ["--drop_weak", "0", "--drop_strong", "0"]
     net = without_dropout(make_net(task, "paper"))
-    cpu, _ = train(task, "paper", parse(task, "paper", *flags), net, CPU, ITERATIONS)
-    args = parse(task, "paper", *flags, "--device", "cuda", *extra)
+    cpu, _ = train(task, "paper", parse(task, "paper"), net, CPU, ITERATIONS)
+    args = parse(task, "paper", "--device", "cuda", *extra)
     gpu, trained = train(task, "paper", args, net, GPU, ITERATIONS, wrap=wrap)
     assert next(trained.parameters()).is_cuda
     first, every = largest_difference(cpu[:1], gpu[:1]), largest_difference(cpu, gpu)
