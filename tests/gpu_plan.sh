@@ -13,7 +13,8 @@
 # data, the installed wheels and the runs stay in $GPU_WORK on the machine. Knobs (environment): SEEDS (default
 # 1337 1338 1339: three runs at once), AMP (none: fp32 with TF32; bf16 if step 1 shows fp32 cannot finish),
 # COMPILE (1), DEVICE (cuda), MAX_ITERATIONS (empty: the paper's 9000), WAIT_S (step 3's wait, 480),
-# BENCH_FLAGS, TRAIN_EXTRA, EVAL_EXTRA, LOADER_BATCHES (30), SETTLE_S (60), DATA_DIR (the tarballs, here). Rehearsal on a CPU: docs/PERFORMANCE.md.
+# BENCH_FLAGS, TRAIN_EXTRA, EVAL_EXTRA, LOADER_BATCHES (30), SETTLE_S (60), DATA_DIR (the tarballs, here).
+# Rehearsal on a CPU: docs/PERFORMANCE.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:?usage: bash tests/gpu_plan.sh prepare N | N   (N = 1, 2 or 3)}

@@ -166,10 +166,11 @@ def top_two_margin(probs):
 
 @pytest.mark.parametrize("method", ["crossmatch", "cml"])
 def test_batched_and_bf16_windows_give_one_window_fp32_labels(method, one_thread):
-    """LA sliding window, 64 x 28 x 24 volume, 48 x 16 x 16 windows at stride 8 (18 windows; the last call of --sw_batch 4 holds 2): ``--sw_batch 4`` and
-    ``--sw_batch 4 --amp bf16`` against one window at a time in fp32. Batched fp32: the same labels wherever
-    the top-two probability margin is at least 1e-4, and probabilities within 1e-5; bf16: the same labels
-    wherever the margin is at least 0.05 (counts printed; measured in docs/PERFORMANCE.md)."""
+    """LA sliding window, 64 x 28 x 24 volume, 48 x 16 x 16 windows at stride 8 (18 windows; the last call of
+    --sw_batch 4 holds 2): ``--sw_batch 4`` and ``--sw_batch 4 --amp bf16`` against one window at a time in fp32.
+    Batched fp32: the same labels wherever the top-two probability margin is at least 1e-4, and probabilities within
+    1e-5; bf16: the same labels wherever the margin is at least 0.05 (counts printed; measured in
+    docs/PERFORMANCE.md)."""
     net = sharpened(build_cml("la") if method == "cml" else make_net("la", method))
     image = torch.randn((64, 28, 24), generator=torch.Generator().manual_seed(1)).numpy()
     kw = dict(patch_size=SHAPES["la"], stride_xy=8, stride_z=8, device="cpu")

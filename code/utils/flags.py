@@ -34,8 +34,8 @@ PRESETS = {
 # flags that may differ when a run is resumed (where the data is, how the run is watched and computed);
 # any other difference is refused, because it would change what is trained
 RESUME_MAY_DIFFER = {"root_path", "train_list", "val_list", "val_every", "device", "num_workers", "compile",
-                     "memory_format", "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
-                     "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
+                     "memory_format", "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp",
+                     "resume", "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
 
 
 def default_workers(cores=None) -> int:
