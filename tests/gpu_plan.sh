@@ -25,12 +25,10 @@ SEEDS=${SEEDS:-1337 1338 1339}
 DEVICE=${DEVICE:-cuda}
 PY=${PYTHON:-python3}
 
-if [[ $step == prepare ]]; then  # here: the wheels the GPU image lacks and this step's tarball, git-ignored
+if [[ $step == prepare ]]; then  # here: the wheels the GPU image lacks and this step's tarball (.gitignore)
   n=${2:?usage: bash tests/gpu_plan.sh prepare N}
   name=${TARBALLS[$n]:?N is 1, 2 or 3}
   src=${DATA_DIR:-../shared/data}
-  exclude=$(git rev-parse --git-path info/exclude)
-  for d in /.whl/ /.carry/; do grep -qxF "$d" "$exclude" 2>/dev/null || echo "$d" >>"$exclude"; done
   [[ -n $(ls .whl/medpy-*.whl 2>/dev/null) ]] || ${PIP:-python -m pip} wheel -q --no-deps medpy==0.5.2 -w .whl
   rm -rf .carry && mkdir .carry
   cp "$src/$name.tar.xz" .carry/
