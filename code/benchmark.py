@@ -3,6 +3,7 @@
     python code/benchmark.py --task la                                  # paper batch 2 + 2 at 112 x 112 x 80
     python code/benchmark.py --task acdc --device cuda --amp bf16 --compile --json acdc.json
     python code/benchmark.py --task la --eval --sw_batch 1 4 8          # sliding-window seconds per LA volume
+    python code/benchmark.py --task la --loader --root_path $LA_ROOT    # loader ms per batch, 1 2 4 8 workers
 
 An iteration is timed from the host batch (its copy to the device included) to the end of the optimizer step,
 the device synchronised, over --iters iterations after --warmup. Methods, in this order:
@@ -35,9 +36,13 @@ import train_acdc_cml
 import train_la
 import train_la_cml
 from networks import build_cml, build_model
+from utils import resolve
+from utils.data import DataError, TrainSet, acdc_labeled_slices, find_list, read_list
 from utils.evaluation import sliding_window
 from utils.flags import ArgumentParser
-from utils.training import make_optimizer, pick_device
+from utils.loop import make_loader
+from utils.sampler import TwoStreamBatchSampler
+from utils.training import make_optimizer, memory_format, pick_device
 
 METHODS = ("supervised", "crossmatch", "crossmatch_naive", "cml")
 
@@ -81,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["none", "bf16"], default="none")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--memory_format", choices=["auto", "channels_last", "contiguous"], default="auto",
+                   help="as the training scripts' flag: auto = channels-last on a GPU")
     p.add_argument("--batch_size", type=int, help="default: the paper's (LA 4, ACDC 24; CML LA 8)")
     p.add_argument("--labeled_bs", type=int, help="default: half the batch")
     p.add_argument("--patch_size", type=int, nargs="+", help="default: the paper's (LA 112 112 80, ACDC 256 256)")
@@ -89,6 +96,11 @@ def parse_args(argv=None):
     p.add_argument("--eval", action="store_true", help="LA sliding-window evaluation of one volume instead")
     p.add_argument("--sw_batch", type=int, nargs="+", default=[1, 4], help="--eval: windows per forward call")
     p.add_argument("--eval_shape", type=int, nargs=3, default=[199, 143, 88], help="--eval: volume size")
+    p.add_argument("--loader", action="store_true",
+                   help="instead: ms per CrossMatch training batch of the data loader on --root_path's training list")
+    p.add_argument("--root_path", help="--loader: data root (default: the training script's)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="--loader: worker counts")
+    p.add_argument("--batches", type=int, default=40, help="--loader: batches timed per worker count")
     p.add_argument("--json", help="write the figures to this file too")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:
@@ -115,7 +127,8 @@ def bench_method(args, method: str, device) -> dict:
     else:
         script = train_la if args.task == "la" else train_acdc
         flags = ["--method", "supervised" if method == "supervised" else "crossmatch"]
-    flags += ["--device", str(device), "--amp", args.amp, "--max_iterations", str(args.warmup + args.iters + 1)]
+    flags += ["--device", str(device), "--amp", args.amp, "--memory_format", args.memory_format,
+              "--max_iterations", str(args.warmup + args.iters + 1)]
     for flag in ("batch_size", "labeled_bs", "patch_size"):
         if getattr(args, flag) is not None:
             flags += [f"--{flag}", *map(str, getattr(args, flag) if flag == "patch_size" else [getattr(args, flag)])]
@@ -131,7 +144,8 @@ def bench_method(args, method: str, device) -> dict:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     torch.manual_seed(0)
-    net = (build_cml(args.task) if method == "cml" else build_model(args.task)).to(device)
+    net = (build_cml(args.task) if method == "cml" else build_model(args.task))
+    net = net.to(device, memory_format=memory_format(device, len(shape), targs.memory_format))
     optimizer = make_optimizer(net, targs)
     model = Algorithm1AsPrinted(net) if method == "crossmatch_naive" else net
     model = torch.compile(model) if args.compile else model
@@ -172,14 +186,54 @@ def bench_eval(args, device) -> dict:
     return out
 
 
+def bench_loader(args, device) -> dict:
+    """ms per batch of the training loader (the paper's batch, its CutMix partners and patch unless given), for
+    each --workers count, the network not run: the time of --batches batches after the first round (the workers
+    start together, so their first batches arrive at once)."""
+    script = train_la if args.task == "la" else train_acdc
+    flags = [f for flag in ("batch_size", "labeled_bs", "patch_size") if getattr(args, flag) is not None
+             for f in [f"--{flag}", *map(str, getattr(args, flag) if flag == "patch_size" else [getattr(args, flag)])]]
+    targs = script.parse_args(flags + (["--root_path", args.root_path] if args.root_path else []))
+    root = resolve(targs.root_path)
+    try:
+        names = read_list(find_list(root, targs.train_list))
+        n_labeled = (targs.labelnum if args.task == "la" else
+                     acdc_labeled_slices(names, targs.labelnum, targs.train_list)[0])
+        kw = {"uint8_unlabeled": targs.uint8_unlabeled} if args.task == "acdc" else {}
+        dataset = TrainSet(args.task, root, names, n_labeled, targs.patch_size, **kw)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    U = targs.batch_size - targs.labeled_bs
+    out = {}
+    for workers in args.workers:
+        sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(names)), targs.labeled_bs, U,
+                                        targs.seed, max(workers, 1) + args.batches, partner_bs=U)
+        batches = iter(make_loader(dataset, sampler, workers, device))
+        for _ in range(max(workers, 1)):
+            next(batches)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(args.batches):
+            next(batches)
+        ms = 1000 * (time.perf_counter() - t0) / args.batches
+        out[str(workers)] = ms
+        cpu = f", {1000 * (time.process_time() - c0) / args.batches:.1f} ms of CPU time" if workers == 0 else ""
+        print(f"{args.task} loader, {workers} workers: {ms:.1f} ms per batch{cpu} ({targs.labeled_bs} + {U} + {U} "
+              f"partners, patch {'x'.join(map(str, targs.patch_size))})")
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    out = {"task": args.task, "device": name, "torch": torch.__version__, "amp": args.amp, "compile": args.compile}
-    print(f"{name}, torch {torch.__version__}, amp {args.amp}, compile {args.compile}")
-    if args.eval:
+    out = {"task": args.task, "device": name, "torch": torch.__version__, "amp": args.amp, "compile": args.compile,
+           "memory_format": args.memory_format}
+    print(f"{name}, torch {torch.__version__}, amp {args.amp}, compile {args.compile}, memory_format "
+          f"{args.memory_format}")
+    if args.loader:
+        out["loader_ms_per_batch"] = bench_loader(args, device)
+    elif args.eval:
         out["eval"] = bench_eval(args, device)
     else:
         out["methods"] = {m: bench_method(args, m, device) for m in METHODS if m in args.methods}

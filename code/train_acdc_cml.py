@@ -39,7 +39,7 @@ def train_iteration(model, optimizer, batch, it, args, device):
     torch.manual_seed(iteration_seed(args.seed, it))
     for group in optimizer.param_groups:
         group["lr"] = cml_lr(args, it)
-    fmt = memory_format(device, batch["x_l"].dim() - 2)
+    fmt = memory_format(device, batch["x_l"].dim() - 2, args.memory_format)
     x_l = batch["x_l"].to(device, non_blocking=True, memory_format=fmt)
     y_l = batch["y_l"].to(device, non_blocking=True)
     self_training = it >= args.pre_iterations

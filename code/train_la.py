@@ -32,7 +32,7 @@ def train_iteration(model, optimizer, batch, it, args, device):
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(args, it)
     tau = conf_threshold(args, it)
-    fmt = memory_format(device, batch["x_l"].dim() - 2)
+    fmt = memory_format(device, batch["x_l"].dim() - 2, args.memory_format)
     x_l = batch["x_l"].to(device, non_blocking=True, memory_format=fmt)
     y_l = batch["y_l"].to(device, non_blocking=True)
     crit = UNSUP_CRITERIA[args.unsup_loss]

@@ -1,5 +1,5 @@
 """code/benchmark.py on tiny shapes: the figures and the JSON it writes, the FLOPs of the three iterations, the
-sliding-window timing, its flag errors, and the Algorithm1AsPrinted wrapper behind crossmatch_naive."""
+sliding-window and loader timings, its flag errors, and the Algorithm1AsPrinted wrapper behind crossmatch_naive."""
 import json
 import math
 
@@ -70,6 +70,15 @@ def test_eval_tiny(tmp_path, one_thread):
     assert e.keys() == {"1", "2"}
     for r in e.values():
         assert r["s_per_volume"] > 0 and r["peak_mb"] > 0
+
+
+def test_loader_tiny(tmp_path):
+    """--loader on 10 tiny synthetic LA cases (8 labeled): a positive ms per batch for each worker count."""
+    from utils.synthetic import make_la
+    root = make_la(tmp_path / "LA", n_train=10, n_test=0, shape=(36, 36, 24), seed=0)
+    out = benchmark.main(["--task", "la", "--loader", "--root_path", str(root), "--workers", "0", "2", "--batches",
+                          "3", "--device", "cpu", *TINY["la"]])
+    assert out["loader_ms_per_batch"].keys() == {"0", "2"} and min(out["loader_ms_per_batch"].values()) > 0
 
 
 def test_flag_errors(capsys):

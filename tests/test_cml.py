@@ -136,7 +136,7 @@ class Stub(nn.Module):
 
 def cml_args(**kw):
     base = dict(seed=1337, base_lr=0.01, pre_iterations=0, lr_step=0, lr_gamma=0.1, u_weight=0.5, dis_weight=0.1,
-                mask_ratio=0.5, amp="none")
+                mask_ratio=0.5, amp="none", memory_format="auto")
     return SimpleNamespace(**{**base, **kw})
 
 

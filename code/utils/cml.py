@@ -20,14 +20,14 @@ def cuboid_mask(spatial, beta: float, device="cpu"):
     """The zero region of CML's mask M (Eqs. 5-9) as a boolean map of shape ``spatial``: a cuboid with sides
     ``int(beta * size)`` at a position drawn uniformly (torch RNG) among those inside the patch. True inside the
     cuboid, where a mixed pair shows its second image; False outside (M = 1), its first image."""
-    inside = torch.zeros(tuple(spatial), dtype=torch.bool)
+    inside = torch.zeros(tuple(spatial), dtype=torch.bool, device=device)
     window = []
     for size in spatial:
         side = int(size * beta)
         start = int(torch.randint(0, size - side + 1, ()).item())
         window.append(slice(start, start + side))
     inside[tuple(window)] = True
-    return inside.to(device)
+    return inside
 
 
 def pseudo_labels(logits):

@@ -1,4 +1,4 @@
-"""CutMix boxes for the strong views, drawn from the torch RNG (re-seeded every iteration, see seeding.py).
+"""CutMix boxes for the strong views, drawn from the torch RNG (re-seeded every iteration, utils/training.py).
 
 A box covers a fraction U(lo, hi) of the patch (default 0.02 to 0.4) with aspect ratios U(0.3, 1/0.3):
 in 2D the ratio of its two sides, in 3D the ratio x:y and the ratio of the in-plane size to z. Sides are
@@ -19,8 +19,9 @@ def _box_sides(spatial, frac, ratios):
 
 
 def sample_boxes(n: int, spatial, p: float = 0.5, frac=(0.02, 0.4), ratio=(0.3, 1 / 0.3), device="cpu"):
-    """Boolean masks (n, *spatial); each sample gets a box with probability p, else an all-False mask."""
-    masks = torch.zeros((n, *spatial), dtype=torch.bool)
+    """Boolean masks (n, *spatial) on ``device``; each sample gets a box with probability p, else an all-False mask.
+    The draws are host numbers (the CPU generator); the masks are made where they are used, with no copy."""
+    masks = torch.zeros((n, *spatial), dtype=torch.bool, device=device)
     for i in range(n):
         if torch.rand(()).item() >= p:
             continue
@@ -29,7 +30,7 @@ def sample_boxes(n: int, spatial, p: float = 0.5, frac=(0.02, 0.4), ratio=(0.3, 
         sides = _box_sides(spatial, f, rs)
         starts = [int(torch.randint(0, s - b + 1, ()).item()) for s, b in zip(spatial, sides)]
         masks[(i, *[slice(a, a + b) for a, b in zip(starts, sides)])] = True
-    return masks.to(device, non_blocking=True)
+    return masks
 
 
 def partner_index(n: int, device="cpu"):
@@ -37,4 +38,4 @@ def partner_index(n: int, device="cpu"):
     if n < 2:
         return None
     shift = int(torch.randint(1, n, ()).item())
-    return ((torch.arange(n) + shift) % n).to(device)
+    return (torch.arange(n, device=device) + shift) % n

@@ -7,6 +7,7 @@ defaults: every row is its own flag and an explicit flag wins. ``--print_config`
 as JSON and ``--print_run_dir`` the run folder, both without touching the data or the run folder.
 """
 import argparse
+import os
 
 # the task defaults that both presets share
 TASK_DEFAULTS = {
@@ -33,8 +34,16 @@ PRESETS = {
 # flags that may differ when a run is resumed (where the data is, how the run is watched and computed);
 # any other difference is refused, because it would change what is trained
 RESUME_MAY_DIFFER = {"root_path", "train_list", "val_list", "val_every", "device", "num_workers", "compile",
-                     "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp", "resume",
-                     "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
+                     "memory_format", "deterministic", "save_every", "log_every", "image_every", "out_dir", "exp",
+                     "resume", "overwrite", "print_config", "print_run_dir", "ddp_timeout"}
+
+
+def default_workers(cores=None) -> int:
+    """--num_workers when not given: 5 loader processes feed a 30 ms LA or 15 ms ACDC GPU iteration (a CrossMatch
+    batch is about 133 / 72 ms of one core's work), and a third of the cores this process may use lets three runs
+    share the machine (16 cores: 5 each); at least 1 (docs/PERFORMANCE.md, the data loader)."""
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(1, min(5, cores // 3))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -96,10 +105,13 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast (GPU)")
     a("--compile", action="store_true", help="torch.compile the network")
+    a("--memory_format", choices=["auto", "channels_last", "contiguous"], default="auto",
+      help="layout of weights and inputs: auto = channels-last on a GPU, the default layout elsewhere")
     a("--sync_bn", action="store_true", help="with torchrun on GPUs: batch-norm statistics over all processes")
     a("--ddp_timeout", type=int, default=600, help="with torchrun: seconds a process waits for the others in a "
                                                    "collective before the run stops with an error")
-    a("--num_workers", type=int, default=2, help="data loader processes")
+    a("--num_workers", type=int, default=default_workers(),
+      help="data loader processes (default: this machine's cores / 3, at most 5: docs/PERFORMANCE.md)")
     a("--save_every", type=int, help="write latest.pth every N iterations")
     a("--log_every", type=int, default=10, help="scalars to tensorboard every N iterations")
     a("--image_every", type=int, default=500, help="image, label and prediction to tensorboard every N iterations")

@@ -41,6 +41,14 @@ def start_run(args) -> tuple:
     return process, run_dir, root, names
 
 
+def make_loader(dataset, sampler, num_workers: int, device) -> DataLoader:
+    """The training loader: ``num_workers`` processes (0: in this one) that leave the stop signals to the main
+    process (utils/signals.py), batches pinned for a GPU."""
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_two_stream,
+                      pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+                      worker_init_fn=worker_ignores_stop_signals)
+
+
 def train_loop(args, task, train_iteration, process, run_dir, root, names, n_labeled, counts: dict, what: str,
                batch_sizes: tuple, model=None, dataset_kw=None, warnings=(), notes=(), hook=None):
     """Train with ``train_iteration`` from iteration 0 (or latest.pth with --resume) to --max_iterations; can stop
@@ -71,9 +79,7 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
     train_model = wrap_model(model, args, device, world, local_rank)
     sampler = TwoStreamBatchSampler(range(n_labeled), range(n_labeled, len(dataset)), labeled_bs, unlabeled_bs,
                                     args.seed, args.max_iterations, start, rank, world, partner_bs)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, collate_fn=collate_two_stream,
-                        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-                        worker_init_fn=worker_ignores_stop_signals)
+    loader = make_loader(dataset, sampler, args.num_workers, device)
     writer = None
     if rank == 0:
         config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts)

@@ -155,7 +155,7 @@ def stop_training(error: BaseException, run_dir: Path, done=None, total=None):
     from utils.checkpoint import CheckpointError, load_checkpoint
     me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = as_stopped(error)
-    lost = world > 1 and (isinstance(error, dist.DistError) or re.search(r"gloo|nccl|timed out|connection",
+    lost = world > 1 and (isinstance(error, dist.DistError) or re.search(r"gloo|nccl|timed out|timeout|connection|pair closure",
                                                                          str(error), re.IGNORECASE))
     if not isinstance(error, Stopped) and not lost:
         raise error

@@ -64,9 +64,11 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def memory_format(device: torch.device, n_spatial: int):
-    """Channels-last on a GPU (faster convolutions), the default layout elsewhere."""
-    if device.type != "cuda":
+def memory_format(device: torch.device, n_spatial: int, layout: str = "auto"):
+    """The layout of the network's weights and inputs (``--memory_format``): ``auto`` is channels-last on a GPU
+    (faster convolutions) and the default layout elsewhere; ``channels_last`` forces it (the CPU tests of the GPU
+    path), ``contiguous`` never uses it."""
+    if layout == "contiguous" or (layout == "auto" and device.type != "cuda"):
         return torch.contiguous_format
     return torch.channels_last_3d if n_spatial == 3 else torch.channels_last
 
@@ -107,7 +109,7 @@ def build_for_training(task: str, args, device, world: int, ckpt=None, path=None
         model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2))
+    model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2, args.memory_format))
     optimizer = make_optimizer(model, args)
     if ckpt is not None:
         try:
