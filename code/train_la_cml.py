@@ -100,7 +100,7 @@ def train(args):
     if args.labelnum >= len(names):
         raise SystemExit(f"error: --labelnum {args.labelnum}: {args.train_list} has {len(names)} cases, CML needs "
                          f"unlabeled ones too")
-    model = build_cml("la")
+    model = build_cml("la", args.n_classes)
     n0, n1 = (sum(p.numel() for p in net.parameters()) for net in model.subnets)
 
     def hook(done, model, writer, log):
