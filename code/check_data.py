@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from utils import resolve
-from utils.data import DataError, find_list, load_case, read_list
+from utils.data import LA_LAYOUT, N_CLASSES, DataError, find_list, load_case, read_list
 from utils.datasets import add_dataset_flags, description_of, layout_of, resolve_dataset
 from utils.flags import ArgumentParser
 
@@ -28,6 +28,7 @@ def check_list(task: str, root, list_name: str, layout=None) -> dict:
     """Read and check every case of one list (3D: of ``layout``, default LA's); returns counts, shapes, intensity
     range and class fractions."""
     names = read_list(find_list(root, list_name))
+    n_classes = (layout or LA_LAYOUT).n_classes if task == "la" else N_CLASSES[task]
     shapes, lo, hi, counts = [], np.inf, -np.inf, 0
     volumes = {}
     for name in names:
@@ -42,7 +43,7 @@ def check_list(task: str, root, list_name: str, layout=None) -> dict:
                 raise DataError(f"slice {name} does not equal slice {k - 1} of volume {volume} (expected a copy)")
         shapes.append(image.shape)
         lo, hi = min(lo, float(image.min())), max(hi, float(image.max()))
-        counts = counts + np.bincount(label.ravel().astype(np.intp), minlength=layout.n_classes if layout else 4)
+        counts = counts + np.bincount(label.ravel().astype(np.intp), minlength=n_classes)
     return {"list": list_name, "cases": len(names), "shape_min": np.min(shapes, 0).tolist(),
             "shape_max": np.max(shapes, 0).tolist(), "intensity": (lo, hi), "class_fractions": counts / counts.sum()}
 

@@ -78,7 +78,9 @@ def prepare(args, task: str) -> SimpleNamespace:
     device = pick_device(args.device)
     path = final_checkpoint(resolve(args.run)) if args.run else resolve(args.ckpt)
     state = load_checkpoint(path)
-    train_args = saved_args(state.get("args") or {})
+    train_args = saved_args({"task": task, **(state.get("args") or {})})  # a bare checkpoint: the task's defaults
+    if not state.get("args") and getattr(args, "n_classes", None):  # ... or the classes --n_classes says
+        train_args["n_classes"] = args.n_classes
     if train_args.get("task", task) != task:
         raise CheckpointError(f"checkpoint {path}: trained for {train_args['task']!r}, not {task!r}")
     patch_size = args.patch_size or train_args.get("patch_size")

@@ -52,8 +52,8 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="paper",
       help="paper: the paper where it speaks, the release where it is silent; release: the release everywhere")
-    a("--root_path", help="data root (relative paths: against the repository root)")
-    a("--train_list", help="training list, a name inside the root or a path")
+    a("--root_path", help="data root (relative paths: against the repository root; 3D default: the data set's)")
+    a("--train_list", help="training list, a name inside the root or a path (3D default: the data set's)")
     a("--exp", help="experiment name (default CrossMatch or Supervised, _release added for --preset release); "
                     "run folder <out_dir>/<TASK>_<exp>_<labelnum>_labeled")
     a("--labelnum", type=int, help="3D: labeled cases (first N of the list; default: the data set's); ACDC: labeled "
@@ -68,7 +68,7 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--weight_decay", type=float, default=1e-4)
     a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / poly_horizon) ** power")
     a("--poly_horizon", type=int, help="iterations of the poly schedule (preset; default --max_iterations)")
-    a("--patch_size", type=int, nargs="+", help="LA: random crop X Y Z; ACDC: slices zoomed to H W")
+    a("--patch_size", type=int, nargs="+", help="3D: random crop X Y Z (default: the data set's); ACDC: slices zoomed to H W")
     a("--conf_thresh", type=float, help="tau: confidence threshold of the pseudo-labels (preset)")
     a("--conf_ramp", type=int, help="0: tau constant; N: tau = (T + (1 - T) sigmoid_rampup(it, N)) ln 2 (the "
                                     "release's LA schedule, T = --conf_thresh) (preset)")
