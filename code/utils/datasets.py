@@ -121,6 +121,12 @@ def description_of(args) -> dict:
             "run_prefix": desc["run_prefix"] or Path(root).name}
 
 
+def description_entry(args) -> dict:
+    """``{"dataset_description": ...}`` for --print_config and config.json of a 3D run; ``{}`` for ACDC."""
+    desc = description_of(args)
+    return {"dataset_description": desc} if desc else {}
+
+
 def layout_of(args):
     """The Layout of a 3D run's resolved flags (or of a checkpoint's saved ones, a dict); None for ACDC."""
     values = args if isinstance(args, dict) else vars(args)

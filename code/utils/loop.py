@@ -12,7 +12,7 @@ from tqdm import tqdm
 from utils import resolve
 from utils.checkpoint import finish_done_run, load_resume, save_training_state
 from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
-from utils.datasets import description_of, layout_of, run_prefix
+from utils.datasets import description_entry, layout_of, run_prefix
 from utils.distributed import cleanup
 from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
                               run_dir_of, stop_training)
@@ -24,9 +24,8 @@ def print_settings(args):
     """--print_run_dir / --print_config: print the run folder or the resolved settings, touch nothing, return the
     run folder."""
     run_dir = run_dir_of(args)
-    desc = {"dataset_description": description_of(args)} if args.task == "la" else {}
-    print(run_dir if args.print_run_dir else json.dumps(config_of(args, run_dir=str(run_dir), **desc), indent=2,
-                                                        default=str))
+    config = config_of(args, run_dir=str(run_dir), **description_entry(args))
+    print(run_dir if args.print_run_dir else json.dumps(config, indent=2, default=str))
     return run_dir
 
 
@@ -78,8 +77,8 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
                         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
     writer = None
     if rank == 0:
-        desc = {"dataset_description": description_of(args)} if layout else {}
-        config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts, **desc)
+        config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts,
+                           **description_entry(args))
         log, writer = open_run_folder(args, config, [*warnings, *resume_warnings])
         preset = f", preset {args.preset}" if getattr(args, "preset", None) else ""
         log.info(f"{run_prefix(args)} {args.method}: {what}, {labeled_bs}+{unlabeled_bs} per batch x {world} "
