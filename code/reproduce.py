@@ -8,7 +8,8 @@ named protocol, mean +- std beside the paper's figures, and plots (docs/REPRODUC
     python code/reproduce.py --demo                        # synthetic data on the CPU, into results/demo/
     python code/reproduce.py readme                        # README.md's status block from results/
 
-TABLE is table1, table2, table4, table5, fig5 or all. Each (row, seed) trains in its own run folder, named by
+TABLE is table1, table2, table4, table5, fig5 or all (these five), or table3 (CML's Table 3, BraTS2019) or pancreas
+(Pancreas-CT), the other 3D data sets (docs/DATASETS.md). Each (row, seed) trains in its own run folder, named by
 the training script from --exp <table>_<row>_<preset>_s<seed> (rows with identical training settings share one
 run). A finished run is skipped, an interrupted one resumed (--resume), and the final checkpoint is evaluated
 by the test script. Tables go to <out>/<table>.md and .csv, plots to <out>/<table>/.
@@ -34,6 +35,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from utils import REPO_ROOT, resolve
+from utils.datasets import saved_args
 from utils.flags import RESUME_MAY_DIFFER
 
 CODE = Path(__file__).resolve().parent
@@ -128,6 +130,49 @@ ROWS = [
            flags=[*DEMO_LA_TRAIN, "--method", m], lists=LA_TEST, paper={}, test_flags=DEMO_LA_TEST,
            root="data/demo_LA") for m, label in (("supervised", "V-Net supervised"), ("crossmatch", "CrossMatch"))),
 ]
+# ------------------------------------------------ more 3D data sets (docs/DATASETS.md): CML's Table 3, Pancreas-CT
+# Not part of "all" (CrossMatch's own tables); their data is not in ../shared. Rows on train_la.py / train_la_cml.py
+# with --dataset, data roots from --brats2019_root / --pancreas_root or $BRATS2019_ROOT / $PANCREAS_ROOT.
+MORE_TABLES = ("table3", "pancreas")
+TITLES.update({
+    "table3": "CML's Table 3: BraTS2019 (whole tumour), 25 / 50 labeled scans (10 % / 20 %), V-Net supervised, "
+              "CrossMatch and CML",
+    "pancreas": "Pancreas-CT: 6 / 12 labeled scans (10 % / 20 %), V-Net supervised and CrossMatch",
+})
+NOTES.update({
+    "table3": "The paper's figures are CML's own Table 3 (Dice, 95HD, ASD; no Jaccard) for the V-Net and CML rows, on "
+              "the SSL4MIS test.txt (60 scans); CrossMatch reports no BraTS2019 figure. CrossMatch and supervised "
+              "rows use LA's settings (train_la.py's defaults, patch 96 x 96 x 96); CML rows its BraTS2019 "
+              "lengths (10k pre-training + 30k self-training), the rest of its LA settings (CML releases no "
+              "BraTS2019 code).",
+    "pancreas": "No paper figure: neither CrossMatch nor CML reports Pancreas-CT. LA's settings (train_la.py's "
+                "defaults, patch 96 x 96 x 96), the MC-Net lists (62 training scans, 20 test scans).",
+})
+CML_TABLE3 = {25: ((78.32, math.nan, 22.29, 7.36), (85.26, math.nan, 9.08, 1.83)),
+              50: ((80.18, math.nan, 20.57, 6.09), (86.63, math.nan, 7.83, 1.45))}  # (V-Net, Ours), CML's Table 3
+MORE_ROOTS = {"brats2019": "data/BraTS2019", "pancreas": "data/Pancreas"}
+
+
+def _dataset_row(table, dataset, name, n, share, method, paper=None):
+    label = {"supervised": "V-Net supervised", "crossmatch": "CrossMatch", "cml": "CML"}[method]
+    source = " (paper: CML's Table 3)" if paper else " (no paper figure)"
+    test_list = "test.txt" if dataset == "brats2019" else "test.list"
+    cml = ["--pre_iterations", "10000", "--max_iterations", "40000"] if method == "cml" else ["--method", method]
+    return dict(table=table, key=f"{dataset.rstrip('2019')}{n}_{method}", row=f"{name} {n} labeled ({share}), {label}{source}",
+                task="la", dataset=dataset, cml=method == "cml",
+                train="train_la_cml.py" if method == "cml" else "train_la.py",
+                flags=["--dataset", dataset, "--labelnum", str(n), *cml], lists=[test_list],
+                paper={test_list: paper} if paper else {})
+
+
+ROWS += [
+    *(_dataset_row("table3", "brats2019", "BraTS2019", n, share, m, dict(supervised=vnet, cml=ours).get(m))
+      for (n, share), (vnet, ours) in zip(((25, "10 %"), (50, "20 %")), CML_TABLE3.values())
+      for m in ("supervised", "crossmatch", "cml")),
+    *(_dataset_row("pancreas", "pancreas", "Pancreas-CT", n, share, m) for n, share in ((6, "10 %"), (12, "20 %"))
+      for m in ("supervised", "crossmatch")),
+]
+
 DEMO_DATA = {"data/demo_LA": ["--task", "la", "--n_train", "20", "--n_test", "4", "--shape", "48", "48", "40"]}
 DEMO_SEEDS = [1337, 1338]
 
@@ -138,7 +183,7 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", nargs="?", choices=[*TABLES, "all", "readme"],
+    p.add_argument("table", nargs="?", choices=[*TABLES, *MORE_TABLES, "all", "readme"],
                    help="the table to reproduce; readme: rewrite README.md's status block from --out")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 1337 1338 1339; --demo 1337 1338)")
     p.add_argument("--preset", choices=["paper", "release"], default="paper", help="the training scripts' --preset")
@@ -153,6 +198,8 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="the demo table: two rows on synthetic data, CPU minutes")
     p.add_argument("--la_root", help="LA data root (default $LA_ROOT, else data/LA; --demo: data/demo_LA)")
     p.add_argument("--acdc_root", help="ACDC data root (default $ACDC_ROOT, else data/ACDC)")
+    for name, root in MORE_ROOTS.items():
+        p.add_argument(f"--{name}_root", help=f"{name} data root (default ${name.upper()}_ROOT, else {root})")
     p.add_argument("--readme", default="README.md", help="readme: the file whose status block is rewritten")
     args = p.parse_args(argv)
     if args.demo == (args.table is not None):
@@ -169,9 +216,9 @@ def parse_args(argv=None):
 
 
 def data_root(row, args) -> Path:
-    given = args.la_root if row["task"] == "la" else args.acdc_root
-    env = None if "root" in row else os.environ.get(f"{row['task'].upper()}_ROOT")
-    return resolve(given or env or row.get("root") or f"data/{row['task'].upper()}")
+    name = row.get("dataset", row["task"])  # la, acdc, or one of MORE_ROOTS
+    env = None if "root" in row else os.environ.get(f"{name.upper()}_ROOT")
+    return resolve(getattr(args, f"{name}_root") or env or row.get("root") or MORE_ROOTS.get(name, f"data/{name.upper()}"))
 
 
 def extra_tag(extra) -> str:
@@ -194,6 +241,7 @@ class Run:
     def __init__(self, row, seed, args, config):
         self.rows, self.seed = [row], seed
         self.task, self.train, self.root = row["task"], row["train"], data_root(row, args)
+        self.data_name = row.get("dataset", row["task"])
         self.config, self.run_dir = config["args"], Path(config["run_dir"])
         self.lists = list(row["lists"])
         self.test_flags = list(row.get("test_flags", []))
@@ -217,7 +265,7 @@ class Run:
         """The settings in which the run folder's config.json differs from this run's (a folder of the same name
         trained otherwise, say before a row's flags changed): ``['--flag saved -> now']``; empty when none."""
         try:
-            saved = json.loads((self.run_dir / "config.json").read_text())["args"]
+            saved = saved_args(json.loads((self.run_dir / "config.json").read_text())["args"])
         except (OSError, ValueError, KeyError):
             return []
         return [f"--{k} {saved.get(k, 'absent')} -> {v}" for k, v in sorted(self.config.items())
@@ -854,11 +902,11 @@ def main(argv=None) -> int:
 
 def check_data(runs) -> None:
     """Every data root has the training list and the evaluated lists (one line naming what is missing)."""
-    for (task, root), lists in {(r.task, r.root): r.lists + [r.config["train_list"]] for r in runs}.items():
+    for (name, root), lists in {(r.data_name, r.root): r.lists + [r.config["train_list"]] for r in runs}.items():
         missing = [l for l in lists if not (root / l).is_file()]
         if missing:
-            raise SystemExit(f"error: no {task.upper()} data at {root} ({', '.join(missing)} missing): set "
-                             f"{task.upper()}_ROOT or --{task}_root (README, 'Data'), or try --demo")
+            raise SystemExit(f"error: no {name.upper()} data at {root} ({', '.join(missing)} missing): set "
+                             f"{name.upper()}_ROOT or --{name}_root (README, 'Data'), or try --demo")
 
 
 STATE_WORDS = {"train": "to train", "restart": "to train afresh", "resume": "to resume", "evaluate": "to evaluate",
