@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 import reproduce
+from reproduction.rows import TABLES
+from reproduction.runs import plan
 from test_real_data import ACDC_ROOT, needs_acdc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +89,7 @@ def test_rows_that_share_a_run_resolve_to_the_same_settings():
     settings (not by name): --eta 0.3, --drop_weak 0.25 --drop_strong 0.75 and --dropout_type dropout are the
     defaults."""
     args = reproduce.parse_args(["all", "--seeds", "1"])
-    runs, per_table = reproduce.plan(args, list(reproduce.TABLES))
+    runs, per_table = plan(args, list(TABLES))
     shared = {tuple(f"{r['table']}/{r['key']}" for r in run.rows) for run in runs if len(run.rows) > 1}
     assert shared == {("table1/la8_crossmatch", "table4/eta0.3", "table5/drop0.25-0.75", "fig5/dropout")}
     assert len({run.run_dir for run in runs}) == len(runs) == 32
@@ -132,7 +134,7 @@ def test_aggregation_of_known_summaries_with_a_missing_seed(syn_la, tmp_path):
     argv = ["--demo", "--seeds", "1", "2", "3", "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--out",
             tmp_path / "results", "--aggregate_only"]
     args = reproduce.parse_args(list(map(str, argv)))
-    runs, per_table = reproduce.plan(args, ["demo"])
+    runs, per_table = plan(args, ["demo"])
     assert len(runs) == 6
     for run in runs:
         fake_run(run, KNOWN[run.rows[0]["key"]][run.seed])
@@ -182,7 +184,7 @@ def test_readme_status_block_from_results(tmp_path, capsys):
     argv = ["table1", "--seeds", "1", "2", "--runs_dir", tmp_path / "model", "--out", tmp_path / "results",
             "--aggregate_only"]
     args = reproduce.parse_args(list(map(str, argv)))
-    runs, _ = reproduce.plan(args, ["table1"])
+    runs, _ = plan(args, ["table1"])
     for run in runs:
         if run.rows[0]["key"] == "la8_crossmatch":
             fake_run(run, (0.90 + 0.01 * run.seed, 0.8, 5.0, 1.5))
@@ -220,7 +222,7 @@ def test_short_demo_end_to_end(syn_la, tmp_path):
     res = tmp_path / "results"
     argv = [*map(str, ["--demo", "--seeds", 1, 2, 3, "--jobs", 2, "--la_root", syn_la, "--runs_dir", tmp_path / "model",
                        "--out", res, "--", "--max_iterations", 2, *TINY])]
-    runs, _ = reproduce.plan(reproduce.parse_args(argv), ["demo"])
+    runs, _ = plan(reproduce.parse_args(argv), ["demo"])
     by = {(r.rows[0]["key"], r.seed): r for r in runs}
     for key, seed in (("supervised", 2), ("crossmatch", 2), ("crossmatch", 3)):
         fake_run(by[key, seed], KNOWN[key][seed])
@@ -253,12 +255,12 @@ def test_short_demo_end_to_end(syn_la, tmp_path):
 
 
 def test_a_stopped_run_is_resumed_and_finished_runs_are_skipped(syn_la, tmp_path):
-    """reproduce.py is stopped (SIGTERM) while the CrossMatch run trains: it stops its child, which leaves
-    latest.pth. The next call resumes that run (--resume) and skips the finished one (a run folder with its final
+    """reproduce.py is stopped (SIGTERM) while the CrossMatch run trains: it stops its child, which writes
+    latest.pth at its last iteration. The next call resumes that run (--resume) and skips the finished one (a run folder with its final
     checkpoint and summary), whose files stay untouched; then both are finished."""
     argv = [*map(str, ["--demo", "--seeds", 7, "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--out",
                        tmp_path / "results", "--", "--max_iterations", 8, "--save_every", 3, *TINY])]
-    runs, _ = reproduce.plan(reproduce.parse_args(argv), ["demo"])
+    runs, _ = plan(reproduce.parse_args(argv), ["demo"])
     sup, cm = (next(r for r in runs if r.rows[0]["key"] == key) for key in ("supervised", "crossmatch"))
     fake_run(sup, (0.5, 0.4, 3.0, 1.0))
     assert [r.state() for r in runs] == ["finished", "train"]
@@ -286,8 +288,72 @@ def test_a_stopped_run_is_resumed_and_finished_runs_are_skipped(syn_la, tmp_path
     assert "2 runs: 1 finished, 1 to do" in r.stdout
     log = (cm.run_dir / "reproduce_output.log").read_text()
     assert re.search(r"\(resume, .*train_la\.py .*--resume\n", log)
-    assert re.search(r"iterations [36] -> 8", log)
+    # the child stopped at the end of its iteration, latest.pth written there (utils/signals.py), and resumed there
+    stopped = re.search(r"stopped by SIGTERM after iteration (\d) of 8; .*latest\.pth holds iteration \1", log)
+    assert stopped and re.search(rf"iterations {stopped.group(1)} -> 8", log), log[-3000:]
     assert [r.state() for r in runs] == ["finished", "finished"]
     assert {p: p.stat().st_mtime_ns for p in sup.run_dir.rglob("*")} == sup_files
     rows = read_rows(tmp_path / "results" / "demo.csv")
     assert rows["supervised", "test.list"]["dice_mean"] == "50.0" and rows["crossmatch", "test.list"]["n_seeds"] == "1"
+
+
+# ---------------------------------------------------------------------------------------------- --launcher slurm
+def test_dry_run_with_the_slurm_launcher_prints_the_job_script(syn_la, tmp_path):
+    """--dry_run --launcher slurm prints the commands as the local launcher does, then the #SBATCH lines the job
+    array would get (submitit's own job script): the array throttled by --jobs, the time from the runs' length
+    unless given, CPUs from the loader's workers, GPUs, the pass-through, the set-up; nothing is submitted.
+    The real Slurm cases are tests/slurm.py's."""
+    base = ["--demo", "--seeds", "1", "2", "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--out",
+            tmp_path / "results", "--dry_run", "--launcher", "slurm"]
+    r = run(*base, "--jobs", 3, "--slurm_partition", "gpu", "--slurm_mem", "32G", "--slurm_extra", "constraint=a100",
+            "--slurm_extra", "signal_delay_s=120")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "python code/train_la.py --labelnum 2 --max_iterations 120" in r.stdout  # the local dry run's lines
+    lines = set(r.stdout.splitlines())
+    # 4 runs, 3 at once; the demo's 120 iterations at 0.315 s are 1 minute, + 15; 0 workers + 2 CPUs; 1 GPU
+    for line in ("#SBATCH --array=0-3%3", "#SBATCH --time=16", "#SBATCH --cpus-per-task=2", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --partition=gpu", "#SBATCH --mem=32G", "#SBATCH --constraint=a100",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append",
+                 "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun 22.05-23.02 does not inherit it",
+                 f"export PYTHONPATH={REPO / 'code'}${{PYTHONPATH:+:$PYTHONPATH}}"):
+        assert "  " + line in lines, (line, r.stdout[-2500:])
+    assert f"#SBATCH --output={tmp_path / 'model' / 'slurm_jobs'}/%A_%a_0_log.out" in r.stdout
+    assert not (tmp_path / "model").exists()
+    r = run(*base, "--slurm_time", 45, "--slurm_gpus", 0, "--slurm_cpus", 6)
+    assert "  #SBATCH --time=45" in r.stdout and "  #SBATCH --cpus-per-task=6" in r.stdout
+    assert "  #SBATCH --array=0-3%4" in r.stdout  # no --jobs: not throttled (submitit's 256)
+    assert "gpus-per-node" not in r.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--slurm_time", "30"], "--slurm_time: only with --launcher slurm"),
+    (["--launcher", "slurm", "--gpus", "0,1"], "--gpus: only with --launcher local"),
+    (["--launcher", "slurm", "--slurm_extra", "constraint"], "--slurm_extra constraint: expected KEY=VALUE"),
+])
+def test_slurm_flags_refused_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--demo", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_job_requeued_more_than_the_limit_does_not_run_again(syn_la, tmp_path, monkeypatch):
+    """The job function (what a Slurm job runs) refuses a start after more than --slurm_requeues requeues
+    (SLURM_RESTART_COUNT), with a line in the run's log that reproduce.py shows; nothing is trained."""
+    from reproduction.slurm import RunJob
+    args = reproduce.parse_args([*map(str, ["--demo", "--seeds", 1, "--la_root", syn_la, "--runs_dir", tmp_path])])
+    run = plan(args, ["demo"])[0][0]
+    run.run_dir.mkdir(parents=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "4")
+    with pytest.raises(RuntimeError, match="requeued 4 times, more than --slurm_requeues 3: not run again"):
+        RunJob(run, 3, 90)()
+    log = (run.run_dir / "reproduce_output.log").read_text()
+    assert "(Slurm job 41 on" in log and "start 5): requeued 4 times" in log
+    assert sorted(p.name for p in run.run_dir.iterdir()) == ["reproduce_output.log"]
+
+
+def test_a_bad_slurm_extra_value_is_one_line(syn_la, tmp_path):
+    r = run("--demo", "--seeds", 1, "--la_root", syn_la, "--runs_dir", tmp_path / "model", "--dry_run", "--launcher",
+            "slurm", "--slurm_extra", "signal_delay_s=soon")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --slurm_extra signal_delay_s=soon: expected a whole number (submitit's signal_delay_s)"], r.stderr

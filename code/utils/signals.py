@@ -1,13 +1,14 @@
 """Stop signals: how a training or test script ends when it is told to stop (docs/RELIABILITY.md).
 
-The signals of ``STOP_SIGNALS`` (SIGTERM: what ``kill``, Slurm, systemd and torchrun send) and Ctrl-C (SIGINT) stop
-a script the same way. In the training loop (``stop_signals_held``) the signal is remembered: the iteration in
+The signals of ``STOP_SIGNALS`` (SIGTERM: what ``kill``, Slurm, systemd and torchrun send; SIGUSR2: what Slurm sends
+before a job's time limit for submitit, docs/REPRODUCE.md "On a Slurm cluster") and Ctrl-C (SIGINT) stop a script
+the same way. In the training loop (``stop_signals_held``) the signal is remembered: the iteration in
 progress finishes (one whose batch is still loading is dropped), ``latest.pth`` is written at the last finished
 iteration, the loader workers are stopped and the script ends with one line and exit status 128 + the signal number
 (143 for SIGTERM, 130 for Ctrl-C); under torchrun every rank stops at the same iteration. Anywhere else (set-up,
 evaluation) the script stops at once (``Stopped``), a held write (a result file) being completed first. A Ctrl-C
-after a first signal stops at once everywhere; a repeated SIGTERM changes nothing (Slurm and torchrun may both
-send one).
+after a first signal stops at once everywhere; a repeated stop signal changes nothing (Slurm and torchrun may both
+send SIGTERM; under submitit, Slurm's SIGUSR2 before the time limit is followed by the requeue's SIGTERM).
 
 The handler is installed in each main process (``stop_signals_handled``). A data-loader worker ignores the signals
 (``worker_ignores_stop_signals``, its ``worker_init_fn``; before it runs, the inherited handler does nothing there):
@@ -19,7 +20,7 @@ import signal
 import threading
 from contextlib import contextmanager
 
-STOP_SIGNALS = (signal.SIGTERM,)  # each of these stops a script like Ctrl-C does
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # each of these stops a script like Ctrl-C does
 
 _state = {"pid": None, "held": 0, "received": 0}  # the main process, held-block depth, the first signal received
 
