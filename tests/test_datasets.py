@@ -12,6 +12,7 @@ import reproduce
 import test_la
 import train_la
 import train_la_cml
+from reproduction.rows import MORE_TABLES, ROWS
 from utils.data import read_h5
 from utils.datasets import NAMES, load_description, saved_args
 from utils.synthetic import make_3d
@@ -178,12 +179,12 @@ def test_reproduce_rows_of_the_new_tables_plan_without_data(tmp_path, capsys):
     assert re.search(r"^table3: 6 rows x 1 seeds = 6 runs, 40000 iterations / 9000 iterations each; 6 to train$", out,
                      re.M)
     assert out.count("train_la_cml.py --dataset brats2019") == 2 and out.count("train_la.py --dataset brats2019") == 4
-    assert out.count("--list test.txt") == 6 and f"BraTS2019_table3_brats25_cml_s1337_25_labeled" in out
+    assert out.count("--list test.txt") == 6 and "BraTS2019_table3_brats25_cml_s1337_25_labeled" in out
     assert reproduce.main(["pancreas", *argv]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^pancreas: 4 rows x 1 seeds = 4 runs, 9000 iterations each", out, re.M)
     assert out.count("--list test.list") == 4 and "Pancreas_CT_pancreas_pancreas12_crossmatch_paper_s1337" in out
-    rows = {r["key"]: r for r in reproduce.ROWS if r["table"] in reproduce.MORE_TABLES}
+    rows = {r["key"]: r for r in ROWS if r["table"] in MORE_TABLES}
     assert rows["brats25_cml"]["paper"] == {"test.txt": pytest.approx((85.26, np.nan, 9.08, 1.83), nan_ok=True)}
     assert rows["brats50_supervised"]["paper"]["test.txt"][0] == 80.18
     assert all(not r["paper"] and "no paper figure" in r["row"] for k, r in rows.items() if "crossmatch" in k
