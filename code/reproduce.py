@@ -9,7 +9,8 @@ named protocol, mean +- std beside the paper's figures, and plots (docs/REPRODUC
     python code/reproduce.py readme                        # README.md's status block from results/
     python code/reproduce.py table1 --launcher slurm --slurm_partition gpu   # each run a Slurm job (submitit)
 
-TABLE is table1, table2, table4, table5, fig5 or all. Each (row, seed) trains in its own run folder, named by
+TABLE is table1, table2, table4, table5, fig5 or all (these five), or table3 (CML's Table 3, BraTS2019) or pancreas
+(Pancreas-CT), the other 3D data sets (docs/DATASETS.md). Each (row, seed) trains in its own run folder, named by
 the training script from --exp <table>_<row>_<preset>_s<seed> (rows with identical training settings share one
 run). A finished run is skipped, an interrupted one resumed (--resume), and the final checkpoint is evaluated
 by the test script. Tables go to <out>/<table>.md and .csv, plots to <out>/<table>/. The parts are in
@@ -25,7 +26,7 @@ from utils import resolve
 from reproduction.aggregate import write_table
 from reproduction.local import run_local
 from reproduction.readme import update_readme
-from reproduction.rows import DEMO_SEEDS, TABLES
+from reproduction.rows import DEMO_SEEDS, MORE_ROOTS, MORE_TABLES, TABLES
 from reproduction.runs import STATE_WORDS, check_data, ensure_demo_data, plan, shell
 
 
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", nargs="?", choices=[*TABLES, "all", "readme"],
+    p.add_argument("table", nargs="?", choices=[*TABLES, *MORE_TABLES, "all", "readme"],
                    help="the table to reproduce; readme: rewrite README.md's status block from --out")
     p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 1337 1338 1339; --demo 1337 1338)")
     p.add_argument("--preset", choices=["paper", "release"], default="paper", help="the training scripts' --preset")
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--demo", action="store_true", help="the demo table: two rows on synthetic data, CPU minutes")
     p.add_argument("--la_root", help="LA data root (default $LA_ROOT, else data/LA; --demo: data/demo_LA)")
     p.add_argument("--acdc_root", help="ACDC data root (default $ACDC_ROOT, else data/ACDC)")
+    for name, root in MORE_ROOTS.items():
+        p.add_argument(f"--{name}_root", help=f"{name} data root (default ${name.upper()}_ROOT, else {root})")
     p.add_argument("--readme", default="README.md", help="readme: the file whose status block is rewritten")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: the runs on this machine, --jobs at once; slurm: each run a Slurm job, through submitit")

@@ -2,6 +2,7 @@
 
     python code/train_la.py --labelnum 8                          # Table I, 8 labeled cases, 9000 iterations
     python code/train_la.py --labelnum 8 --method supervised      # the V-Net row: labeled data only
+    python code/train_la.py --dataset brats2019 --labelnum 25     # another 3D data set (docs/DATASETS.md)
 
 `train_iteration` is the whole method, top to bottom: one iteration from a host batch to the optimizer step.
 `main` is the plumbing: flags, the training list, then utils/loop.py (run folder, resume, data, checkpoints, logs).

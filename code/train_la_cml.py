@@ -2,6 +2,7 @@
 
     python code/train_la_cml.py --labelnum 8             # Table 1, 8 labeled cases: 2000 + 15000 iterations
     python code/test_la.py --run model/LA_CML_8_labeled  # the mean of the two subnets' softmax, final checkpoint
+    python code/train_la_cml.py --dataset brats2019 --labelnum 25 --pre_iterations 10000 --max_iterations 40000
 
 `train_iteration` is the whole method, top to bottom: pre-training on labeled data (Eq. 11) for the first
 --pre_iterations iterations, then self-training (Eq. 4 with Eqs. 7 and 10). `main` is the plumbing
@@ -100,7 +101,7 @@ def train(args):
     if args.labelnum >= len(names):
         raise SystemExit(f"error: --labelnum {args.labelnum}: {args.train_list} has {len(names)} cases, CML needs "
                          f"unlabeled ones too")
-    model = build_cml("la")
+    model = build_cml("la", args.n_classes)
     n0, n1 = (sum(p.numel() for p in net.parameters()) for net in model.subnets)
 
     def hook(done, model, writer, log):

@@ -34,10 +34,12 @@ class TwoSubnets(nn.Module):
         return torch.logsumexp(log_probs, dim=0) - math.log(2.0)
 
 
-def build_cml(task: str) -> TwoSubnets:
-    """The task's two subnets: 'la' -> two V-Nets (2 classes), 'acdc' -> two 2D U-Nets (4 classes)."""
+def build_cml(task: str, n_classes: int = None) -> TwoSubnets:
+    """The task's two subnets: 'la' -> two V-Nets (``n_classes``, default 2: LA), 'acdc' -> two 2D U-Nets (4
+    classes)."""
     if task == "la":
-        return TwoSubnets(VNet(n_channels=1, n_classes=2), VNet(n_channels=1, n_classes=2, upsampling="trilinear"))
+        n = n_classes or 2
+        return TwoSubnets(VNet(n_channels=1, n_classes=n), VNet(n_channels=1, n_classes=n, upsampling="trilinear"))
     if task == "acdc":
         return TwoSubnets(UNet(in_chns=1, class_num=4), UNet(in_chns=1, class_num=4, upsampling="transposed"))
     raise ValueError(f"task {task!r}: expected 'la' or 'acdc'")

@@ -91,5 +91,48 @@ ROWS = [
            flags=[*DEMO_LA_TRAIN, "--method", m], lists=LA_TEST, paper={}, test_flags=DEMO_LA_TEST,
            root="data/demo_LA") for m, label in (("supervised", "V-Net supervised"), ("crossmatch", "CrossMatch"))),
 ]
+# ------------------------------------------------ more 3D data sets (docs/DATASETS.md): CML's Table 3, Pancreas-CT
+# Not part of "all" (CrossMatch's own tables); their data is not in ../shared. Rows on train_la.py / train_la_cml.py
+# with --dataset, data roots from --brats2019_root / --pancreas_root or $BRATS2019_ROOT / $PANCREAS_ROOT.
+MORE_TABLES = ("table3", "pancreas")
+TITLES.update({
+    "table3": "CML's Table 3: BraTS2019 (whole tumour), 25 / 50 labeled scans (10 % / 20 %), V-Net supervised, "
+              "CrossMatch and CML",
+    "pancreas": "Pancreas-CT: 6 / 12 labeled scans (10 % / 20 %), V-Net supervised and CrossMatch",
+})
+NOTES.update({
+    "table3": "The paper's figures are CML's own Table 3 (Dice, 95HD, ASD; no Jaccard) for the V-Net and CML rows, on "
+              "the SSL4MIS test.txt (60 scans); CrossMatch reports no BraTS2019 figure. CrossMatch and supervised "
+              "rows use LA's settings (train_la.py's defaults, patch 96 x 96 x 96); CML rows its BraTS2019 "
+              "lengths (10k pre-training + 30k self-training), the rest of its LA settings (CML releases no "
+              "BraTS2019 code).",
+    "pancreas": "No paper figure: neither CrossMatch nor CML reports Pancreas-CT. LA's settings (train_la.py's "
+                "defaults, patch 96 x 96 x 96), the MC-Net lists (62 training scans, 20 test scans).",
+})
+CML_TABLE3 = {25: ((78.32, math.nan, 22.29, 7.36), (85.26, math.nan, 9.08, 1.83)),
+              50: ((80.18, math.nan, 20.57, 6.09), (86.63, math.nan, 7.83, 1.45))}  # (V-Net, Ours), CML's Table 3
+MORE_ROOTS = {"brats2019": "data/BraTS2019", "pancreas": "data/Pancreas"}
+
+
+def _dataset_row(table, dataset, name, n, share, method, paper=None):
+    label = {"supervised": "V-Net supervised", "crossmatch": "CrossMatch", "cml": "CML"}[method]
+    source = " (paper: CML's Table 3)" if paper else " (no paper figure)"
+    test_list = "test.txt" if dataset == "brats2019" else "test.list"
+    cml = ["--pre_iterations", "10000", "--max_iterations", "40000"] if method == "cml" else ["--method", method]
+    return dict(table=table, key=f"{dataset.rstrip('2019')}{n}_{method}", row=f"{name} {n} labeled ({share}), {label}{source}",
+                task="la", dataset=dataset, cml=method == "cml",
+                train="train_la_cml.py" if method == "cml" else "train_la.py",
+                flags=["--dataset", dataset, "--labelnum", str(n), *cml], lists=[test_list],
+                paper={test_list: paper} if paper else {})
+
+
+ROWS += [
+    *(_dataset_row("table3", "brats2019", "BraTS2019", n, share, m, dict(supervised=vnet, cml=ours).get(m))
+      for (n, share), (vnet, ours) in zip(((25, "10 %"), (50, "20 %")), CML_TABLE3.values())
+      for m in ("supervised", "crossmatch", "cml")),
+    *(_dataset_row("pancreas", "pancreas", "Pancreas-CT", n, share, m) for n, share in ((6, "10 %"), (12, "20 %"))
+      for m in ("supervised", "crossmatch")),
+]
+
 DEMO_DATA = {"data/demo_LA": ["--task", "la", "--n_train", "20", "--n_test", "4", "--shape", "48", "48", "40"]}
 DEMO_SEEDS = [1337, 1338]

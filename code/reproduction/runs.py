@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from utils import REPO_ROOT, resolve
+from utils.datasets import saved_args
 from utils.flags import RESUME_MAY_DIFFER
-from reproduction.rows import DEMO_DATA, ROWS
+from reproduction.rows import DEMO_DATA, MORE_ROOTS, ROWS
 
 CODE = REPO_ROOT / "code"
 LOG = "reproduce_output.log"  # the commands' output, in the run folder
@@ -26,9 +27,9 @@ STATE_WORDS = {"train": "to train", "restart": "to train afresh", "resume": "to 
 
 
 def data_root(row, args) -> Path:
-    given = args.la_root if row["task"] == "la" else args.acdc_root
-    env = None if "root" in row else os.environ.get(f"{row['task'].upper()}_ROOT")
-    return resolve(given or env or row.get("root") or f"data/{row['task'].upper()}")
+    name = row.get("dataset", row["task"])  # la, acdc, or one of MORE_ROOTS
+    env = None if "root" in row else os.environ.get(f"{name.upper()}_ROOT")
+    return resolve(getattr(args, f"{name}_root") or env or row.get("root") or MORE_ROOTS.get(name, f"data/{name.upper()}"))
 
 
 def extra_tag(extra) -> str:
@@ -51,6 +52,7 @@ class Run:
     def __init__(self, row, seed, args, config):
         self.rows, self.seed = [row], seed
         self.task, self.train, self.root = row["task"], row["train"], data_root(row, args)
+        self.data_name = row.get("dataset", row["task"])
         self.config, self.run_dir = config["args"], Path(config["run_dir"])
         self.lists = list(row["lists"])
         self.test_flags = list(row.get("test_flags", []))
@@ -74,7 +76,7 @@ class Run:
         """The settings in which the run folder's config.json differs from this run's (a folder of the same name
         trained otherwise, say before a row's flags changed): ``['--flag saved -> now']``; empty when none."""
         try:
-            saved = json.loads((self.run_dir / "config.json").read_text())["args"]
+            saved = saved_args(json.loads((self.run_dir / "config.json").read_text())["args"])
         except (OSError, ValueError, KeyError):
             return []
         return [f"--{k} {saved.get(k, 'absent')} -> {v}" for k, v in sorted(self.config.items())
@@ -199,17 +201,16 @@ def device_name(gpu) -> str:
     except (OSError, StopIteration):
         return "cpu"
 
+
 def check_data(runs) -> None:
     """Every data root has the training list and the evaluated lists (one line naming what is missing)."""
-    for (task, root), lists in {(r.task, r.root): r.lists + [r.config["train_list"]] for r in runs}.items():
+    for (name, root), lists in {(r.data_name, r.root): r.lists + [r.config["train_list"]] for r in runs}.items():
         missing = [l for l in lists if not (root / l).is_file()]
         if missing:
-            raise SystemExit(f"error: no {task.upper()} data at {root} ({', '.join(missing)} missing): set "
-                             f"{task.upper()}_ROOT or --{task}_root (README, 'Data'), or try --demo")
+            raise SystemExit(f"error: no {name.upper()} data at {root} ({', '.join(missing)} missing): set "
+                             f"{name.upper()}_ROOT or --{name}_root (README, 'Data'), or try --demo")
 
 
-STATE_WORDS = {"train": "to train", "restart": "to train afresh", "resume": "to resume", "evaluate": "to evaluate",
-               "finished": "finished", "conflict": "in conflict (trained with other settings)"}
 
 
 

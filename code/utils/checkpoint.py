@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from utils.datasets import saved_args
 from utils.flags import RESUME_MAY_DIFFER
 
 
@@ -158,7 +159,7 @@ def load_resume(path, args, world_size: int, data: dict) -> tuple:
     if ckpt.get("world_size", 1) != world_size:
         raise SystemExit(f"error: --resume: {path} was trained by {ckpt['world_size']} process(es), this command "
                          f"runs {world_size}; the batches would change. Resume with {ckpt['world_size']}")
-    saved, now = ckpt["args"], vars(args)
+    saved, now = saved_args(ckpt["args"]), vars(args)
     changed = [k for k in sorted(now) if saved.get(k, "absent") != now[k] and not k.startswith("print_")]
     differ = [f"--{k} {now[k]} (saved {saved.get(k, 'absent')})" for k in changed if k not in RESUME_MAY_DIFFER]
     if differ:

@@ -2,7 +2,9 @@
 
 LA (UA-MT preprocessing): ``<root>/train.list``, ``<root>/test.list`` and
 ``<root>/2018LA_Seg_Training Set/<case>/mri_norm2.h5`` with ``image`` (float32, z-scored, (X, Y, Z)) and
-``label`` (uint8, {0, 1}). The labeled cases are the first ``--labelnum`` of the training list.
+``label`` (uint8, {0, 1}). The labeled cases are the first ``--labelnum`` of the training list. Other 3D data sets
+(BraTS2019, Pancreas-CT, a user's own) differ in their ``Layout``: where a case's file lies and how many classes its
+labels hold (utils/datasets.py reads it from the data set's description).
 
 ACDC (SSL4MIS preprocessing): ``<root>/data/<patientXXX_frameYY>.h5`` volumes (``image`` in [0, 1], (D, H, W);
 ``label`` 0 bg, 1 RV, 2 Myo, 3 LV) and ``<root>/data/slices/<volume>_slice_<k>.h5`` with slice k = volume[k - 1];
@@ -11,6 +13,7 @@ lists ``train_slices.list``, ``val.list``, ``test.list``. The labeled slices are
 
 Every problem raises ``DataError`` with one line naming the file and what was expected.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -21,7 +24,6 @@ from torch.utils.data import Dataset
 from utils import resolve
 from utils.augment import strong_2d, strong_3d, weak_2d, weak_3d
 
-LA_CASE_DIR = "2018LA_Seg_Training Set"
 N_CLASSES = {"la": 2, "acdc": 4}
 # labeled ACDC patients -> labeled slices (the first M of train_slices.list)
 LABELED_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
@@ -34,6 +36,17 @@ LA_BOUND = 100.0
 
 class DataError(Exception):
     """A problem with the data on disk or with a data-related flag."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a 3D data set's cases lie inside its root and what their labels hold (the default: LA's)."""
+    case_file: str = "2018LA_Seg_Training Set/{case}/mri_norm2.h5"  # {case} = a list entry
+    n_classes: int = 2
+    float_labels: bool = False  # labels stored as floats with integer values (Pancreas-CT as distributed)
+
+
+LA_LAYOUT = Layout()
 
 
 # ------------------------------------------------------------------------------------------------ lists
@@ -68,11 +81,12 @@ def read_list(path) -> list:
 
 
 # -------------------------------------------------------------------------------------------- h5 files
-def case_path(task: str, root, name: str) -> Path:
-    """The h5 file of a list entry: an LA case, an ACDC volume, or an ACDC slice (``*_slice_<k>``)."""
+def case_path(task: str, root, name: str, layout: Layout = None) -> Path:
+    """The h5 file of a list entry: a 3D case (``layout``, default LA's), an ACDC volume, or an ACDC slice
+    (``*_slice_<k>``)."""
     root = Path(root)
     if task == "la":
-        return root / LA_CASE_DIR / name / "mri_norm2.h5"
+        return root / (layout or LA_LAYOUT).case_file.format(case=name)
     return root / "data" / ("slices" if "_slice_" in name else "") / f"{name}.h5"
 
 
@@ -106,15 +120,17 @@ def write_h5(path, **arrays) -> None:
     tmp.replace(path)
 
 
-def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool = False) -> None:
+def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool = False,
+               float_labels: bool = False) -> None:
     """The checks every case passes before it is trained on or scored (DataError naming the file): shapes, dtypes,
     finite intensities with some spread, within [0, 1] (``unit_range``, ACDC) or within +-LA_BOUND (z-scored, LA),
-    labels within the classes."""
+    labels within the classes. ``float_labels``: a float label is accepted when its values are whole numbers."""
     if image.ndim != ndim or image.shape != label.shape or min(image.shape) < 1:
         raise DataError(f"{path}: image {image.shape} and label {label.shape}, expected two equal {ndim}D shapes")
-    if image.dtype.kind != "f" or label.dtype.kind not in "iu":
+    whole_floats = float_labels and label.dtype.kind == "f" and bool(np.all(label == np.round(label)))
+    if image.dtype.kind != "f" or not (label.dtype.kind in "iu" or whole_floats):
         raise DataError(f"{path}: image {image.dtype} and label {label.dtype}, expected a float image and an "
-                        f"integer label")
+                        f"integer label" + (" (or whole numbers stored as floats)" if float_labels else ""))
     bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
     if bad:
         raise DataError(f"{path}: image has {bad} non-finite values (NaN/inf), expected finite intensities")
@@ -131,13 +147,17 @@ def check_case(path, image, label, ndim: int, n_classes: int, unit_range: bool =
         raise DataError(f"{path}: label values {values} outside the classes 0..{n_classes - 1}")
 
 
-def load_case(task: str, root, name: str) -> tuple:
-    """``(image, label)`` of one list entry, read and checked (ACDC: intensities within [0, 1])."""
-    path = case_path(task, root, name)
+def load_case(task: str, root, name: str, layout: Layout = None) -> tuple:
+    """``(image, label)`` of one list entry, read and checked (ACDC: intensities within [0, 1]; 3D: the classes and
+    label type of ``layout``, default LA's; a float label with whole values comes back as uint8)."""
+    path = case_path(task, root, name, layout)
     image, label = read_h5(path)
     ndim = 2 if "_slice_" in name else 3
-    check_case(path, image, label, ndim, N_CLASSES[task], unit_range=task == "acdc")
-    return image, label
+    layout = layout or LA_LAYOUT
+    n_classes = layout.n_classes if task == "la" else N_CLASSES[task]
+    check_case(path, image, label, ndim, n_classes, unit_range=task == "acdc",
+               float_labels=task == "la" and layout.float_labels)
+    return image, (label.astype(np.uint8) if label.dtype.kind == "f" else label)
 
 
 def check_acdc_slice(root, name: str, image, label, volumes: dict) -> None:
@@ -161,10 +181,10 @@ def check_acdc_slice(root, name: str, image, label, volumes: dict) -> None:
                         f"{volume} ({case_path('acdc', root, volume)}), expected a copy of it")
 
 
-def data_fingerprint(task: str, root, labeled: list, unlabeled: list) -> dict:
+def data_fingerprint(task: str, root, labeled: list, unlabeled: list, layout: Layout = None) -> dict:
     """What a checkpoint records of its training data, for --resume to compare: the labeled and the unlabeled
     entries in training order, and each case file's size in bytes (None for a missing file)."""
-    paths = [case_path(task, root, name) for name in [*labeled, *unlabeled]]
+    paths = [case_path(task, root, name, layout) for name in [*labeled, *unlabeled]]
     return {"labeled": list(labeled), "unlabeled": list(unlabeled),
             "bytes": [p.stat().st_size if p.is_file() else None for p in paths]}
 
@@ -208,14 +228,15 @@ class TrainSet(Dataset):
     pipeline does (the weak view truncated, the strong views rounded).
     """
 
-    def __init__(self, task: str, root, names, n_labeled: int, patch_size, uint8_unlabeled: bool = False):
+    def __init__(self, task: str, root, names, n_labeled: int, patch_size, uint8_unlabeled: bool = False,
+                 layout: Layout = None):
         self.task, self.n_labeled, self.patch_size = task, n_labeled, tuple(patch_size)
         self.uint8_unlabeled = uint8_unlabeled
         self.weak, self.strong = (weak_3d, strong_3d) if task == "la" else (weak_2d, strong_2d)
         self.images, self.labels = [], []
         volumes = {}
         for i, name in enumerate(names):
-            image, label = load_case(task, root, name)
+            image, label = load_case(task, root, name, layout)
             if task == "acdc" and "_slice_" in name:
                 check_acdc_slice(root, name, image, label, volumes)
             self.images.append(np.ascontiguousarray(image, dtype=np.float32))

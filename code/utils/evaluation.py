@@ -24,6 +24,7 @@ from networks import build_cml, build_model
 from utils import resolve
 from utils.checkpoint import CheckpointError, load_checkpoint, load_weights
 from utils.data import DataError, case_path, find_list, load_case, read_list
+from utils.datasets import description_of, layout_of, resolve_dataset, saved_args
 from utils.flags import ArgumentParser
 from utils.metrics import EMPTY_DISTANCE_OPTIONS, METRICS, multiclass_metrics
 from utils.signals import Stopped, as_stopped, stop_signals_handled, stop_signals_held
@@ -38,7 +39,8 @@ def eval_parser(description: str, n_dims: int) -> ArgumentParser:
     src.add_argument("--run", help="run folder: evaluates its final checkpoint iter_<max_iterations>.pth")
     src.add_argument("--ckpt", help="a checkpoint file (results go next to it unless --out)")
     p.add_argument("--root_path", help="data root (default: the checkpoint's root_path)")
-    p.add_argument("--list", default="test.list", help="list of cases: a name inside the data root, or a path")
+    p.add_argument("--list", help="list of cases: a name inside the data root, or a path (default test.list; 3D: the "
+                                  "data set's test list)")
     p.add_argument("--out", help="output folder (default: eval_<list name> beside the checkpoint)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="bf16 autocast of the forward pass")
@@ -93,19 +95,25 @@ def prepare(args, task: str) -> SimpleNamespace:
     device = pick_device(args.device)
     path = final_checkpoint(resolve(args.run)) if args.run else resolve(args.ckpt)
     state = load_checkpoint(path)
-    train_args = state.get("args") or {}
+    train_args = saved_args({"task": task, **(state.get("args") or {})})  # a bare checkpoint: the task's defaults
+    if not state.get("args") and getattr(args, "n_classes", None):  # ... or the classes --n_classes says
+        train_args["n_classes"] = args.n_classes
     if train_args.get("task", task) != task:
         raise CheckpointError(f"checkpoint {path}: trained for {train_args['task']!r}, not {task!r}")
     patch_size = args.patch_size or train_args.get("patch_size")
     if not patch_size:
         raise CheckpointError(f"checkpoint {path}: no patch_size in its training flags; pass --patch_size")
-    root = resolve(args.root_path or train_args.get("root_path") or f"data/{task.upper()}")
-    list_path = find_list(root, args.list)
+    data = eval_dataset(args, train_args, path) if task == "la" else None  # 3D: the data set evaluated
+    layout, desc = (layout_of(data), description_of(data)) if data else (None, None)
+    root = resolve(data.root_path if data else args.root_path or train_args.get("root_path") or "data/ACDC")
+    list_name = args.list or (desc["test_list"] if desc else "test.list")
+    list_path = find_list(root, list_name)
     cases = read_list(list_path)
-    missing = [c for c in cases if not case_path(task, root, c).is_file()]
+    missing = [c for c in cases if not case_path(task, root, c, layout).is_file()]
     if missing:
-        raise DataError(f"list {list_path}: {len(missing)} case files missing, e.g. {case_path(task, root, missing[0])}")
-    out_dir = resolve(args.out) if args.out else path.parent / f"eval_{Path(args.list).stem}"
+        raise DataError(f"list {list_path}: {len(missing)} case files missing, e.g. "
+                        f"{case_path(task, root, missing[0], layout)}")
+    out_dir = resolve(args.out) if args.out else path.parent / f"eval_{Path(list_name).stem}"
     existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise CheckpointError(f"output folder {out_dir}: {existing} is not a writable folder (pass --out)")
@@ -114,17 +122,35 @@ def prepare(args, task: str) -> SimpleNamespace:
         print(f"warning: checkpoint {path}: iteration {state.get('iteration')} is not the final one ({final})",
               file=sys.stderr)
     cml = train_args.get("method") == "cml"  # CML's two subnets predict the mean of their softmax (docs/CML.md)
-    model = build_cml(task) if cml else build_model(task)
+    n_classes = train_args.get("n_classes") if task == "la" else None
+    model = build_cml(task, n_classes) if cml else build_model(task, n_classes=n_classes)
     load_weights(model, state["model"], path)
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"checkpoint {path}: {len(bad)} weight tensors are not finite, e.g. {bad[0]}")
     return SimpleNamespace(checkpoint=path, iteration=state.get("iteration"), final=final, root=root,
-                           list_path=list_path, cases=cases, out_dir=out_dir, device=device,
+                           list_path=list_path, cases=cases, out_dir=out_dir, device=device, layout=layout,
+                           description=desc,
                            model=model.to(device).eval(),
                            patch_size=tuple(patch_size),
                            amp=torch.bfloat16 if args.amp == "bf16" else None,
                            method=train_args.get("method"))
+
+
+def eval_dataset(args, train_args: dict, path) -> SimpleNamespace:
+    """test_la.py: the data set evaluated, resolved as training resolves it: the checkpoint's (data set, case file,
+    classes, data root), or --dataset's description where given; --case_file, --n_classes and --root_path win.
+    CheckpointError when its classes are not those the checkpoint was trained for."""
+    own = args.dataset is None  # the checkpoint's own data set
+    data = SimpleNamespace(task="la", dataset=args.dataset or train_args["dataset"],
+                           case_file=args.case_file or (train_args["case_file"] if own else None),
+                           n_classes=args.n_classes or (train_args["n_classes"] if own else None),
+                           root_path=args.root_path or (train_args.get("root_path") if own else None))
+    resolve_dataset(data, flags=("root_path",))
+    if data.n_classes != train_args["n_classes"]:
+        raise CheckpointError(f"checkpoint {path}: trained for {train_args['n_classes']} classes, the data set "
+                              f"evaluated ({data.dataset}) has {data.n_classes}")
+    return data
 
 
 def protocol(setup, args) -> dict:

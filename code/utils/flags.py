@@ -9,10 +9,12 @@ as JSON and ``--print_run_dir`` the run folder, both without touching the data o
 import argparse
 import os
 
-# the task defaults that both presets share
+from utils.data import DataError
+from utils.datasets import add_dataset_flags, resolve_dataset
+
+# the task defaults that both presets share (3D: root, training list, labeled cases and patch come from --dataset)
 TASK_DEFAULTS = {
-    "la": dict(root_path="data/LA", train_list="train.list", labelnum=8, batch_size=4, labeled_bs=2, base_lr=1e-3,
-               optimizer="adamw", patch_size=[112, 112, 80], save_every=500),
+    "la": dict(batch_size=4, labeled_bs=2, base_lr=1e-3, optimizer="adamw", save_every=500),
     "acdc": dict(root_path="data/ACDC", train_list="train_slices.list", labelnum=7, max_iterations=None,
                  batch_size=24, labeled_bs=12, base_lr=0.01, optimizer="sgd", patch_size=[256, 256], save_every=1000),
 }
@@ -59,11 +61,12 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="paper",
       help="paper: the paper where it speaks, the release where it is silent; release: the release everywhere")
-    a("--root_path", help="data root (relative paths: against the repository root)")
-    a("--train_list", help="training list, a name inside the root or a path")
+    a("--root_path", help="data root (relative paths: against the repository root; 3D default: the data set's)")
+    a("--train_list", help="training list, a name inside the root or a path (3D default: the data set's)")
     a("--exp", help="experiment name (default CrossMatch or Supervised, _release added for --preset release); "
                     "run folder <out_dir>/<TASK>_<exp>_<labelnum>_labeled")
-    a("--labelnum", type=int, help="LA: labeled cases (first N of the list); ACDC: labeled patients")
+    a("--labelnum", type=int, help="3D: labeled cases (first N of the list; default: the data set's); ACDC: labeled "
+                                   "patients")
     a("--max_iterations", type=int, help="training iterations" + (" (default: from --epochs)" if task == "acdc" else ""))
     a("--batch_size", type=int, help="samples per iteration and process, labeled + unlabeled")
     a("--labeled_bs", type=int, help="labeled samples per iteration and process")
@@ -74,7 +77,7 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     a("--weight_decay", type=float, default=1e-4)
     a("--poly_power", type=float, default=0.9, help="lr = base_lr * (1 - it / poly_horizon) ** power")
     a("--poly_horizon", type=int, help="iterations of the poly schedule (preset; default --max_iterations)")
-    a("--patch_size", type=int, nargs="+", help="LA: random crop X Y Z; ACDC: slices zoomed to H W")
+    a("--patch_size", type=int, nargs="+", help="3D: random crop X Y Z (default: the data set's); ACDC: slices zoomed to H W")
     a("--conf_thresh", type=float, help="tau: confidence threshold of the pseudo-labels (preset)")
     a("--conf_ramp", type=int, help="0: tau constant; N: tau = (T + (1 - T) sigmoid_rampup(it, N)) ln 2 (the "
                                     "release's LA schedule, T = --conf_thresh) (preset)")
@@ -123,6 +126,8 @@ def train_parser(task: str, description: str) -> ArgumentParser:
     if task == "acdc":
         a("--uint8_unlabeled", action=argparse.BooleanOptionalAction,
           help="round unlabeled views to 8-bit values as the release's image pipeline does (preset)")
+    else:
+        add_dataset_flags(p)
     p.set_defaults(task=task, **TASK_DEFAULTS[task])
     return p
 
@@ -137,8 +142,19 @@ def apply_preset(args) -> None:
             "_release" if args.preset == "release" else "")
 
 
+def apply_dataset(p: ArgumentParser, args) -> None:
+    """3D: fill the flags the data set decides (utils/datasets.py); ACDC: nothing."""
+    if args.task == "la":
+        try:
+            resolve_dataset(args)
+        except DataError as e:
+            p.error(str(e))
+
+
 def check_train_args(p: ArgumentParser, args) -> None:
-    """Apply the preset, then refuse values that parse but make no sense (a one-line error naming the flag)."""
+    """Apply the data set (3D) and the preset, then refuse values that parse but make no sense (a one-line error
+    naming the flag)."""
+    apply_dataset(p, args)
     apply_preset(args)
     def bad(flag, want):
         value = getattr(args, flag[2:])
@@ -218,6 +234,7 @@ def check_cml_args(p: ArgumentParser, args) -> None:
     if given:
         p.error(f"{', '.join(given)}: {'CrossMatch flags' if len(given) > 1 else 'a CrossMatch flag'}, not used by "
                 f"CML (docs/CML.md)")
+    apply_dataset(p, args)
     if args.method != "cml":
         p.error(f"argument --method: {args.method}: this script trains CML (train_{args.task}.py trains "
                 f"crossmatch and supervised)")

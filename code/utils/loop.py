@@ -12,6 +12,7 @@ from tqdm import tqdm
 from utils import resolve
 from utils.checkpoint import finish_done_run, load_resume, save_training_state
 from utils.data import DataError, TrainSet, data_fingerprint, find_list, read_list
+from utils.datasets import description_entry, layout_of, run_prefix
 from utils.distributed import barrier, cleanup, max_over_ranks
 from utils.run_folder import (check_run_dir, config_of, get_logger, log_images, log_iteration, open_run_folder,
                               run_dir_of, stop_training)
@@ -24,7 +25,8 @@ def print_settings(args):
     """--print_run_dir / --print_config: print the run folder or the resolved settings, touch nothing, return the
     run folder."""
     run_dir = run_dir_of(args)
-    print(run_dir if args.print_run_dir else json.dumps(config_of(args, run_dir=str(run_dir)), indent=2, default=str))
+    config = config_of(args, run_dir=str(run_dir), **description_entry(args))
+    print(run_dir if args.print_run_dir else json.dumps(config, indent=2, default=str))
     return run_dir
 
 
@@ -61,7 +63,8 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
     log)`` runs after every iteration (``writer`` is None on ranks other than 0). ``train_iteration`` returns its
     logs and ``shown``, a dict with ``x_l``, ``y_l`` and ``pred`` for the tensorboard images."""
     device, rank, world, local_rank = process
-    data = data_fingerprint(task, root, names[:n_labeled], names[n_labeled:])
+    layout = layout_of(args)  # 3D: the data set's case files and classes; ACDC: None
+    data = data_fingerprint(task, root, names[:n_labeled], names[n_labeled:], layout)
     ckpt, resume_warnings = load_resume(run_dir / "latest.pth", args, world, data) if args.resume else (None, [])
     log = get_logger(quiet=rank != 0)
     if finish_done_run(ckpt, args, run_dir, rank, log):
@@ -71,7 +74,7 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
     start = ckpt["iteration"] if ckpt else 0
     del ckpt
     try:
-        dataset = TrainSet(task, root, names, n_labeled, args.patch_size, **(dataset_kw or {}))
+        dataset = TrainSet(task, root, names, n_labeled, args.patch_size, layout=layout, **(dataset_kw or {}))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -82,10 +85,11 @@ def train_loop(args, task, train_iteration, process, run_dir, root, names, n_lab
     loader = make_loader(dataset, sampler, args.num_workers, device)
     writer = None
     if rank == 0:
-        config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts)
+        config = config_of(args, run_dir=str(run_dir), device=str(device), world_size=world, **counts,
+                           **description_entry(args))
         log, writer = open_run_folder(args, config, [*warnings, *resume_warnings])
         preset = f", preset {args.preset}" if getattr(args, "preset", None) else ""
-        log.info(f"{task.upper()} {args.method}: {what}, {labeled_bs}+{unlabeled_bs} per batch x {world} "
+        log.info(f"{run_prefix(args)} {args.method}: {what}, {labeled_bs}+{unlabeled_bs} per batch x {world} "
                  f"process(es), iterations {start} -> {args.max_iterations}, device {device}, amp {args.amp}"
                  f"{preset}; run folder {run_dir}")
         for line in notes:

@@ -29,6 +29,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from utils import REPO_ROOT, resolve
 from utils.checkpoint import remove_temp_files
+from utils.datasets import run_prefix
 from utils.distributed import any_rank, cleanup
 from utils.signals import Stopped, as_stopped, stop_signals_handled, stop_signals_held
 
@@ -42,7 +43,7 @@ _held = {}  # the run folder this process holds: {"fd": open run.lock, "dir": Pa
 
 
 def run_dir_of(args) -> Path:
-    return resolve(args.out_dir) / f"{args.task.upper()}_{args.exp}_{args.labelnum}_labeled"
+    return resolve(args.out_dir) / f"{run_prefix(args)}_{args.exp}_{args.labelnum}_labeled"
 
 
 def check_run_dir(args, rank: int) -> Path:
@@ -155,8 +156,8 @@ def stop_training(error: BaseException, run_dir: Path, done=None, total=None):
     from utils.checkpoint import CheckpointError, load_checkpoint
     me, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     error = as_stopped(error)
-    lost = world > 1 and (isinstance(error, dist.DistError) or re.search(r"gloo|nccl|timed out|timeout|connection|pair closure",
-                                                                         str(error), re.IGNORECASE))
+    lost = world > 1 and (isinstance(error, dist.DistError) or re.search(
+        r"gloo|nccl|timed out|timeout|connection|pair closure", str(error), re.IGNORECASE))
     if not isinstance(error, Stopped) and not lost:
         raise error
     try:

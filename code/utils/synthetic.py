@@ -1,6 +1,7 @@
-"""Small synthetic data sets in the real LA and ACDC layouts (for the demo and the tests).
+"""Small synthetic data sets in the real LA and ACDC layouts, and in those of the other 3D data sets (BraTS2019,
+Pancreas-CT, a user's own), for the demo and the tests.
 
-``make_la``: z-scored volumes with a smooth lobed foreground blob (label 1) brighter than the
+``make_la`` / ``make_3d``: z-scored volumes with a smooth lobed foreground blob (label 1) brighter than the
 background, an unlabeled bright tube along z as a distractor (like the aorta), a smooth intensity
 variation, a multiplicative bias and noise.
 ``make_acdc``: short-axis-like stacks: left-ventricle blood pool (3), myocardium ring (2), right-ventricle
@@ -17,7 +18,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from utils.data import case_path, write_h5
+from utils.data import Layout, case_path, write_h5
+from utils.datasets import load_description
 
 
 def _write_list(path: Path, names: Sequence[str]) -> None:
@@ -100,7 +102,7 @@ def _la_volume(shape: tuple[int, int, int], rng: np.random.Generator):
     bias = 1.0 + 0.2 * _smooth_noise(shape, rng, coarse=2)
     image = (clean + 1.0) * bias + rng.normal(0.0, rng.uniform(0.25, 0.4), size=shape)
     image = (image - image.mean()) / image.std()
-    return image.astype(np.float32), fg.astype(np.uint8)
+    return image.astype(np.float32), fg.astype(np.uint8), tube
 
 
 def make_la(root, n_train: int = 4, n_test: int = 2, shape: Sequence[int] = (32, 32, 24), seed: int = 0,
@@ -110,18 +112,43 @@ def make_la(root, n_train: int = 4, n_test: int = 2, shape: Sequence[int] = (32,
     Case ids ``synla_000``...; ``test.list`` only when ``n_test > 0``. Volume shapes are ``shape`` with
     x and y varied by up to ``shape_jitter`` (z fixed, as in the real data). Returns the root.
     """
+    return make_3d(root, "la", n_train=n_train, n_test=n_test, shape=shape, seed=seed, shape_jitter=shape_jitter)
+
+
+# list entries of the synthetic cases, styled after each data set's own (code/datasets/*.json)
+CASE_NAMES = {"la": "synla_{:03d}", "brats2019": "BraTS19_SYN_{:03d}_1", "pancreas": "image{:04d}",
+              "custom": "case_{:03d}"}
+
+
+def make_3d(root, dataset: str = "la", n_train: int = 4, n_val: int = 0, n_test: int = 2,
+            shape: Sequence[int] = (32, 32, 24), seed: int = 0, shape_jitter: float = 0.1, n_classes: int = 2,
+            case_file: str = "data/{case}.h5") -> Path:
+    """Write a root in the layout of a 3D data set's description (``la``, ``brats2019``, ``pancreas``, or
+    ``custom`` with ``case_file``): the LA-like volumes of ``_la_volume``, the description's training, validation
+    (when it has one; else ``n_val`` is ignored) and test lists (when ``n_test > 0``), labels stored as the data set
+    distributes them (Pancreas-CT: float32). ``n_classes`` 3 labels the distractor tube 2. Returns the root."""
     root = Path(root)
-    if n_train < 0 or n_test < 0 or n_train + n_test == 0:
-        raise ValueError(f"need n_train, n_test >= 0 and at least one case, got {n_train}, {n_test}")
-    names = [f"synla_{i:03d}" for i in range(n_train + n_test)]
+    if min(n_train, n_val, n_test) < 0 or n_train + n_val + n_test == 0:
+        raise ValueError(f"need n_train, n_val, n_test >= 0 and at least one case, got {n_train}, {n_val}, {n_test}")
+    if n_classes not in (2, 3):
+        raise ValueError(f"n_classes {n_classes}: the synthetic volumes have 2 or 3 classes")
+    desc = load_description(dataset)
+    n_val = n_val if desc["val_list"] else 0
+    layout = Layout(desc["case_file"] or case_file, n_classes)
+    names = [CASE_NAMES[dataset].format(i + (dataset == "pancreas")) for i in range(n_train + n_val + n_test)]
     for i, name in enumerate(names):
         rng = np.random.default_rng([seed, 0x1A, i])
         vol_shape = _jitter_shape(shape, shape_jitter, rng, axes=(0, 1))
-        image, label = _la_volume(vol_shape, rng)
-        write_h5(case_path("la", root, name), image=image, label=label)
-    _write_list(root / "train.list", names[:n_train])
-    if n_test:
-        _write_list(root / "test.list", names[n_train:])
+        image, label, tube = _la_volume(vol_shape, rng)
+        if n_classes == 3:
+            label[tube] = 2
+        write_h5(case_path("la", root, name, layout), image=image,
+                 label=label.astype(np.float32) if desc["float_labels"] else label)
+    splits = [(desc["train_list"], names[:n_train]), (desc["val_list"], names[n_train:n_train + n_val]),
+              (desc["test_list"], names[n_train + n_val:])]
+    for list_name, part in splits:
+        if list_name and part:
+            _write_list(root / list_name, part)
     return root
 
 

@@ -106,7 +106,8 @@ def build_for_training(task: str, args, device, world: int, ckpt=None, path=None
     """``(model, optimizer)`` on the device, restored from a --resume checkpoint (one-line error if it does not fit).
     ``model``: a network built by the caller (CML's two subnets) instead of the task's ``build_model``."""
     if model is None:
-        model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout)
+        model = build_model(task, args.drop_weak, args.drop_strong, args.dropout_type, args.pert_out_dropout,
+                            n_classes=getattr(args, "n_classes", None))
     if world > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device, 3 if task == "la" else 2, args.memory_format))
