@@ -106,7 +106,7 @@ def prepare(args, task: str) -> SimpleNamespace:
     data = eval_dataset(args, train_args, path) if task == "la" else None  # 3D: the data set evaluated
     layout, desc = (layout_of(data), description_of(data)) if data else (None, None)
     root = resolve(data.root_path if data else args.root_path or train_args.get("root_path") or "data/ACDC")
-    list_name = args.list or (desc["test_list"] if desc else "test.list")
+    list_name = args.list = args.list or (desc["test_list"] if desc else "test.list")  # resolved: the stop line names it
     list_path = find_list(root, list_name)
     cases = read_list(list_path)
     missing = [c for c in cases if not case_path(task, root, c, layout).is_file()]
