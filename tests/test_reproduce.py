@@ -73,6 +73,16 @@ def test_dry_run_of_all_prints_every_run_and_touches_nothing(tmp_path):
     assert "table2/acdc7_supervised seed 1337" in out and "300 epochs / 40000 iterations each" in out
 
 
+def test_a_short_trial_of_a_table_with_cml_rows_keeps_their_share_of_pre_training(tmp_path):
+    # -- --max_iterations 500 reaches every row; CML's 2000 pre-training iterations (of 17000) would exceed it
+    nowhere = tmp_path / "nowhere"
+    r = run("table1", "--dry_run", "--seeds", "1337", "--runs_dir", tmp_path / "model", "--la_root", nowhere,
+            "--", "--max_iterations", "500")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"train_la_cml.py --labelnum 8 .* --max_iterations 500 --pre_iterations 58$", r.stdout, re.M)
+    assert "--pre_iterations" not in "".join(l for l in r.stdout.splitlines() if "train_la.py" in l)
+
+
 @needs_acdc
 def test_dry_run_on_the_real_acdc_data_turns_epochs_into_iterations(tmp_path):
     """With the real training list, 300 epochs over the unlabeled slices of the 7-labeled split are the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils import REPO_ROOT, resolve
 from utils.datasets import saved_args
-from utils.flags import RESUME_MAY_DIFFER
+from utils.flags import CML_DEFAULTS, RESUME_MAY_DIFFER
 from reproduction.rows import DEMO_DATA, MORE_ROOTS, ROWS
 
 CODE = REPO_ROOT / "code"
@@ -118,11 +118,23 @@ class Run:
         return cmds
 
 
+def flag_value(argv: list, flag: str):
+    """The value of the last ``flag VALUE`` in ``argv``, or None."""
+    return next((argv[i + 1] for i in range(len(argv) - 2, -1, -1) if argv[i] == flag), None)
+
+
 def train_argv(row, seed, args, root) -> list:
     preset = [] if row.get("cml") else ["--preset", args.preset]  # CML has no presets
     exp = f"{row['table']}_{row['key']}{'' if row.get('cml') else '_' + args.preset}_s{seed}{extra_tag(args.extra)}"
+    trial = []
+    short = flag_value(args.extra, "--max_iterations")
+    if row.get("cml") and short is not None and flag_value(args.extra, "--pre_iterations") is None:
+        # a short trial of a CML row keeps the row's share of pre-training (LA 2000 of 17000)
+        full = {k: int(flag_value(row["flags"], f"--{k}") or CML_DEFAULTS[row["task"]][k])
+                for k in ("pre_iterations", "max_iterations")}
+        trial = ["--pre_iterations", str(int(short) * full["pre_iterations"] // full["max_iterations"])]
     return [*row["flags"], *preset, "--seed", str(seed), "--exp", exp, "--out_dir", str(resolve(args.runs_dir)),
-            "--root_path", str(root), *args.extra]
+            "--root_path", str(root), *args.extra, *trial]
 
 
 def plan(args, tables) -> tuple:
