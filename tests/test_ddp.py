@@ -178,6 +178,7 @@ def _grad_worker(rank, port, out_dir):
         results[partner] = {"worst": worst, "in_sync": bool(torch.equal(ref, same)),
                             "training": ddp.training and ddp.module.training and local.training}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # both ranks done before the teardown: gloo aborts a rank whose peer left first (seen once in CI)
     dist.destroy_process_group()
 
 
